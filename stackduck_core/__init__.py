@@ -1,0 +1,74 @@
+"""Stackduck's sans-IO core: every rule of the job queue, and no I/O.
+
+The core is pure, synchronous and deterministic: time (``now``, UTC epoch
+seconds) and ids come in as arguments, decisions come out as values. It imports
+nothing from trio, purerpc, redis, psycopg, sqlite3, time, random, os or socket
+(``tests/core/test_purity.py`` enforces it), so any event loop can drive it --
+see ``examples/asyncio_embedded.py``.
+
+Modules (all private; this package re-exports the public names):
+
+* ``_job``: the job record, enqueue requests, validation, defaults, limits;
+* ``_states``: the lifecycle transition table (``apply``);
+* ``_backoff``: retry delays;
+* ``_ordering``: priority/FIFO order keys and their Redis score encoding;
+* ``_queue``: the in-memory queue engine (``QueueCore``);
+* ``_dispatch``: fair assignment of ready jobs to worker streams;
+* ``_ratelimit``: GCRA rate limiting per job type;
+* ``_failover``: backend health machine and routing decisions.
+"""
+
+from __future__ import annotations
+
+from ._backoff import BACKOFF_CAP as BACKOFF_CAP
+from ._backoff import retry_delay as retry_delay
+from ._dispatch import Dispatcher as Dispatcher
+from ._dispatch import DispatcherStats as DispatcherStats
+from ._dispatch import StreamInfo as StreamInfo
+from ._errors import InvalidTransition as InvalidTransition
+from ._errors import StackduckError as StackduckError
+from ._job import DEFAULT_DELAY as DEFAULT_DELAY
+from ._job import DEFAULT_MAX_RETRIES as DEFAULT_MAX_RETRIES
+from ._job import DEFAULT_PAYLOAD as DEFAULT_PAYLOAD
+from ._job import DEFAULT_PRIORITY as DEFAULT_PRIORITY
+from ._job import EnqueueRequest as EnqueueRequest
+from ._job import Job as Job
+from ._job import JobSpec as JobSpec
+from ._job import Limits as Limits
+from ._job import Rejected as Rejected
+from ._job import RejectReason as RejectReason
+from ._job import Status as Status
+from ._job import parse_time as parse_time
+from ._job import validate_enqueue as validate_enqueue
+from ._ordering import EPOCH as EPOCH
+from ._ordering import MAX_SEQ as MAX_SEQ
+from ._ordering import SEQ_BITS as SEQ_BITS
+from ._ordering import SequenceClock as SequenceClock
+from ._ordering import decode_score as decode_score
+from ._ordering import order_key as order_key
+from ._ordering import score as score
+from ._queue import DEFAULT_LEASE_SECONDS as DEFAULT_LEASE_SECONDS
+from ._queue import Delivery as Delivery
+from ._queue import QueueCore as QueueCore
+from ._queue import QueueStats as QueueStats
+from ._queue import TypeStats as TypeStats
+from ._states import EVENT_TYPES as EVENT_TYPES
+from ._states import TRANSITIONS as TRANSITIONS
+from ._states import Cancelled as Cancelled
+from ._states import Claimed as Claimed
+from ._states import Completed as Completed
+from ._states import Enqueued as Enqueued
+from ._states import Event as Event
+from ._states import Failed as Failed
+from ._states import LeaseExpired as LeaseExpired
+from ._states import LeaseExtended as LeaseExtended
+from ._states import LifecyclePolicy as LifecyclePolicy
+from ._states import Promoted as Promoted
+from ._states import Purged as Purged
+from ._states import Requeued as Requeued
+from ._states import WorkerDetached as WorkerDetached
+from ._states import apply as apply
+from ._states import needs_new_seq as needs_new_seq
+from ._states import new_job as new_job
+
+__version__ = "0.2.0"

@@ -1,0 +1,519 @@
+"""The in-memory queue engine.
+
+:class:`QueueCore` is the queue tier of the embedded default and the Redis
+fallback: ready jobs per job type ordered by ``(priority, seq)``, scheduled
+jobs ordered by due time, leases ordered by expiry, the dead-letter set, and
+per-type pauses, plus the :class:`~stackduck_core.Dispatcher` of this
+instance's worker streams. Every status change goes through
+:func:`~stackduck_core.apply` (the lifecycle table); this module only keeps
+the indexes that make each operation O(log n).
+
+Every mutating method returns the records it changed; the runtime persists
+exactly those (group-committed) before it answers the client. Jobs that reach
+``completed`` or ``cancelled`` leave memory (the record store keeps them);
+dead-lettered jobs stay, because they can be listed, requeued and purged.
+
+Indexes are heaps with *lazy deletion*: an entry is live only while it still
+matches the job's current record (status and key), so cancelling a queued job
+or extending a lease never searches a heap; stale entries are dropped when
+they surface, and a heap is rebuilt when stale entries outnumber live ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final, final
+
+import attrs
+
+from ._dispatch import Dispatcher
+from ._job import (
+    EnqueueRequest,
+    Job,
+    JobSpec,
+    Limits,
+    Rejected,
+    RejectReason,
+    Status,
+    validate_enqueue,
+)
+from ._ordering import SequenceClock
+from ._states import (
+    Cancelled,
+    Claimed,
+    Completed,
+    Enqueued,
+    Event,
+    Failed,
+    LeaseExpired,
+    LeaseExtended,
+    LifecyclePolicy,
+    Promoted,
+    Purged,
+    Requeued,
+    WorkerDetached,
+    apply,
+    needs_new_seq,
+)
+
+__all__ = ["DEFAULT_LEASE_SECONDS", "Delivery", "QueueCore", "QueueStats", "TypeStats"]
+
+#: Lease length when neither the stream nor the request names one.
+DEFAULT_LEASE_SECONDS: Final = 60.0
+
+
+@final
+@attrs.frozen
+class Delivery:
+    """A job claimed for a stream: send ``job`` on stream ``stream_id``."""
+
+    stream_id: int
+    job: Job
+
+
+@final
+@attrs.frozen(kw_only=True)
+class TypeStats:
+    """Counts for one job type. ``queued`` is indexed by priority - 1."""
+
+    queued: tuple[int, int, int] = (0, 0, 0)
+    scheduled: int = 0
+    running: int = 0
+    dead: int = 0
+    paused: bool = False
+
+
+@final
+@attrs.frozen(kw_only=True)
+class QueueStats:
+    """A snapshot of the engine (trio's ``statistics()`` convention)."""
+
+    types: Mapping[str, TypeStats]
+    queued: int
+    scheduled: int
+    running: int
+    dead: int
+    streams: int
+
+
+_Result = Job | Rejected
+
+
+class QueueCore:
+    """The in-memory queue: pure, synchronous, deterministic.
+
+    Args:
+        new_id: returns a fresh unique id (lease ids); injected so tests are
+            deterministic and the core needs no randomness of its own.
+        policy: lifecycle tunables (poison-pill limit, backoff cap).
+        limits: bounds for enqueue validation.
+        default_lease: lease length in seconds when none is asked for.
+        seq_clock: the FIFO sequence source (shared with restored jobs).
+    """
+
+    def __init__(
+        self,
+        *,
+        new_id: Callable[[], str],
+        policy: LifecyclePolicy | None = None,
+        limits: Limits | None = None,
+        default_lease: float = DEFAULT_LEASE_SECONDS,
+        seq_clock: SequenceClock | None = None,
+    ) -> None:
+        self._new_id = new_id
+        self.policy = policy or LifecyclePolicy()
+        self.limits = limits or Limits()
+        self.default_lease = default_lease
+        self.seq_clock = seq_clock or SequenceClock()
+        self.dispatcher = Dispatcher()
+        self._jobs: dict[str, Job] = {}
+        self._ready: dict[str, list[tuple[int, int, str]]] = {}
+        self._scheduled: list[tuple[float, str]] = []
+        self._leases: list[tuple[float, str, str]] = []
+        # dead letters in the order they died: dead_seq -> job_id, plus a
+        # per-type view; pagination cursors are dead_seq values
+        self._dead: dict[str, int] = {}
+        self._dead_order: list[tuple[int, str]] = []
+        self._dead_seq = 0
+        self._paused: set[str] = set()
+        # (job_type, status, priority) -> count of live records
+        self._counts: dict[tuple[str, Status, int], int] = {}
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _store(self, old: Job | None, new: Job | None) -> None:
+        """Replace ``old`` by ``new`` in every index (either may be ``None``).
+
+        Completed and cancelled records leave memory (``new`` is then only
+        returned to the caller for persisting), so they are never counted.
+        """
+        if old is not None:
+            key = (old.job_type, old.status, old.priority)
+            self._counts[key] -= 1
+            if not self._counts[key]:
+                del self._counts[key]
+            if old.status is Status.FAILED:
+                del self._dead[old.id]
+            del self._jobs[old.id]
+        if new is None or new.status in (Status.COMPLETED, Status.CANCELLED):
+            return
+        key = (new.job_type, new.status, new.priority)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._jobs[new.id] = new
+        status = new.status
+        if status is Status.QUEUED:
+            heap = self._ready.setdefault(new.job_type, [])
+            heapq.heappush(heap, (new.priority, new.seq, new.id))
+        elif status is Status.SCHEDULED:
+            heapq.heappush(self._scheduled, (new.scheduled_at, new.id))
+        elif status is Status.RUNNING:
+            assert new.lease_expires_at is not None and new.lease_id is not None
+            heapq.heappush(self._leases, (new.lease_expires_at, new.id, new.lease_id))
+        else:  # FAILED: append to the dead-letter order
+            self._dead_seq += 1
+            self._dead[new.id] = self._dead_seq
+            self._dead_order.append((self._dead_seq, new.id))
+            if len(self._dead_order) > 2 * len(self._dead) + 64:
+                # drop entries of requeued/purged jobs so the list stays O(live)
+                self._dead_order = [(s, i) for s, i in self._dead_order if self._dead.get(i) == s]
+
+    def _change(self, old: Job | None, event: Event) -> _Result:
+        """Apply ``event`` through the lifecycle table and update the indexes."""
+        new = apply(old, event, self.policy)
+        if isinstance(new, Rejected):
+            return new
+        assert new is not None  # purge is handled by purge()
+        if new.status is Status.QUEUED and needs_new_seq(old, new):
+            new = attrs.evolve(new, seq=self.seq_clock.next(new.scheduled_at))
+        if old is not None and old.status is Status.RUNNING and old.lease_id is not None:
+            self.dispatcher.settled(old.id, old.lease_id)
+        self._store(old, new)
+        return new
+
+    def _lookup(self, job_id: str) -> Job | Rejected:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return Rejected(RejectReason.NOT_FOUND, f"job {job_id} is not active", "job_id")
+        return job
+
+    # -- producers -----------------------------------------------------------
+
+    def enqueue(self, request: EnqueueRequest, *, job_id: str, now: float) -> _Result:
+        """Validate and add a job. Returns its first record or the rejection."""
+        spec = validate_enqueue(request, now=now, limits=self.limits)
+        if isinstance(spec, Rejected):
+            return spec
+        return self.add(spec, job_id=job_id, now=now)
+
+    def add(self, spec: JobSpec, *, job_id: str, now: float) -> _Result:
+        """Add a job from an already validated spec."""
+        if job_id in self._jobs:
+            return Rejected(RejectReason.WRONG_STATE, f"job {job_id} exists already", "job_id")
+        return self._change(None, Enqueued(now=now, job_id=job_id, spec=spec))
+
+    def restore(self, job: Job, *, now: float) -> Job:
+        """Load a record from the record store at start.
+
+        A job that was running when the previous process died lost its lease:
+        it is requeued (or dead-lettered by the poison-pill guard) and the
+        changed record is returned for persisting. Terminal records other than
+        dead letters are ignored (they live only in the record store).
+        """
+        self.seq_clock.observe(job.seq)
+        if job.status in (Status.COMPLETED, Status.CANCELLED) or job.id in self._jobs:
+            return job
+        if job.status is Status.QUEUED and job.seq == 0:
+            job = attrs.evolve(job, seq=self.seq_clock.next(job.scheduled_at))
+        if job.status is not Status.RUNNING:
+            self._store(None, job)
+            return job
+        # The lease died with the previous process: register the record, then
+        # lose its lease exactly as if its worker had vanished.
+        self._store(None, job)
+        result = self._change(job, WorkerDetached(now=now, lease_id=job.lease_id or ""))
+        assert isinstance(result, Job)
+        return result
+
+    def cancel(self, job_id: str, *, now: float) -> _Result:
+        """Cancel a scheduled, queued or running job."""
+        job = self._lookup(job_id)
+        if isinstance(job, Rejected):
+            return job
+        return self._change(job, Cancelled(now=now))
+
+    # -- workers -------------------------------------------------------------
+
+    def claim(
+        self, job_type: str, *, now: float, worker_id: str, lease_seconds: float | None = None
+    ) -> Job | None:
+        """Take the next ready job of ``job_type`` (unary dequeue), or ``None``."""
+        if job_type in self._paused:
+            return None
+        job = self._pop_ready(job_type)
+        if job is None:
+            return None
+        return self._lease(job, now, worker_id, lease_seconds or self.default_lease)
+
+    def _lease(self, job: Job, now: float, worker_id: str, lease_seconds: float) -> Job:
+        event = Claimed(
+            now=now,
+            lease_id=self._new_id(),
+            worker_id=worker_id,
+            lease_expires_at=now + lease_seconds,
+        )
+        result = self._change(job, event)
+        assert isinstance(result, Job)
+        return result
+
+    def _pop_ready(self, job_type: str) -> Job | None:
+        heap = self._ready.get(job_type)
+        while heap:
+            _, seq, job_id = heapq.heappop(heap)
+            job = self._jobs.get(job_id)
+            if job is not None and job.status is Status.QUEUED and job.seq == seq:
+                return job
+        return None
+
+    def attach(
+        self,
+        stream_id: int,
+        *,
+        worker_id: str,
+        job_types: Iterable[str],
+        prefetch: int = 1,
+        lease_seconds: float | None = None,
+    ) -> None:
+        """Register a worker stream with the dispatcher."""
+        self.dispatcher.attach(
+            stream_id,
+            worker_id=worker_id,
+            job_types=job_types,
+            prefetch=prefetch,
+            lease_seconds=lease_seconds or self.default_lease,
+        )
+
+    def detach(self, stream_id: int, *, now: float) -> list[Job]:
+        """Unregister a stream; requeue (or poison) every job it still held."""
+        changed: list[Job] = []
+        for job_id, lease_id in self.dispatcher.detach(stream_id).items():
+            result = self._change(self._jobs[job_id], WorkerDetached(now=now, lease_id=lease_id))
+            assert isinstance(result, Job)
+            changed.append(result)
+        return changed
+
+    def dispatch(self, *, now: float) -> list[Delivery]:
+        """Hand ready jobs to streams with credit, fairly (see ``_dispatch``)."""
+        wanted = self.dispatcher.wanted_types()
+        ready = {
+            job_type: n
+            for job_type in wanted
+            if job_type not in self._paused and (n := self.ready_count(job_type))
+        }
+        deliveries: list[Delivery] = []
+        for stream_id, job_type in self.dispatcher.plan(ready):
+            job = self._pop_ready(job_type)
+            assert job is not None  # ready counts are exact in memory
+            info = self.dispatcher.stream(stream_id)
+            assert info is not None
+            leased = self._lease(job, now, info.worker_id, info.lease_seconds)
+            assert leased.lease_id is not None
+            self.dispatcher.delivered(stream_id, leased.id, leased.lease_id)
+            deliveries.append(Delivery(stream_id, leased))
+        return deliveries
+
+    def _current_lease(self, job: Job, lease_id: str | None) -> str:
+        # Clients of the original API send no lease: they act on the current one.
+        return job.lease_id or "" if not lease_id else lease_id
+
+    def complete(self, job_id: str, *, lease_id: str | None, now: float) -> _Result:
+        """The lease holder finished the job."""
+        job = self._lookup(job_id)
+        if isinstance(job, Rejected):
+            return job
+        return self._change(job, Completed(now=now, lease_id=self._current_lease(job, lease_id)))
+
+    def fail(self, job_id: str, *, lease_id: str | None, error: str, now: float) -> _Result:
+        """The lease holder failed the job: retry with backoff, or dead-letter."""
+        job = self._lookup(job_id)
+        if isinstance(job, Rejected):
+            return job
+        event = Failed(now=now, lease_id=self._current_lease(job, lease_id), error=error)
+        return self._change(job, event)
+
+    def extend(
+        self, job_id: str, *, lease_id: str | None, now: float, lease_seconds: float | None = None
+    ) -> _Result:
+        """Push the lease's expiry to ``now + lease_seconds`` (never earlier)."""
+        job = self._lookup(job_id)
+        if isinstance(job, Rejected):
+            return job
+        event = LeaseExtended(
+            now=now,
+            lease_id=self._current_lease(job, lease_id),
+            lease_expires_at=now + (lease_seconds or self.default_lease),
+        )
+        return self._change(job, event)
+
+    # -- dead letters and pauses ----------------------------------------------
+
+    def requeue(self, job_id: str, *, now: float) -> _Result:
+        """Send a dead-lettered job back to the queue with its attempts reset."""
+        job = self._lookup(job_id)
+        if isinstance(job, Rejected):
+            return job
+        return self._change(job, Requeued(now=now))
+
+    def purge(self, job_id: str, *, now: float) -> _Result:
+        """Delete a dead-lettered job. Returns the deleted record."""
+        job = self._lookup(job_id)
+        if isinstance(job, Rejected):
+            return job
+        result = apply(job, Purged(now=now), self.policy)
+        if isinstance(result, Rejected):
+            return result
+        self._store(job, None)
+        return job
+
+    def dead(
+        self, *, job_type: str | None = None, after: int = 0, limit: int = 100
+    ) -> tuple[list[Job], int]:
+        """Dead-lettered jobs in the order they died.
+
+        Args:
+            job_type: only this type, or every type when ``None``.
+            after: the cursor returned by the previous page (0 = from the start).
+            limit: page size (>= 1).
+
+        Returns:
+            The page and the cursor of the next page (0 when there is no more).
+        """
+        page: list[Job] = []
+        start = bisect.bisect_right(self._dead_order, (after, "\uffff"))
+        for dead_seq, job_id in itertools.islice(self._dead_order, start, None):
+            if self._dead.get(job_id) != dead_seq:
+                continue  # requeued or purged since
+            job = self._jobs[job_id]
+            if job_type is not None and job.job_type != job_type:
+                continue
+            if len(page) == limit:
+                return page, self._dead[page[-1].id]
+            page.append(job)
+        return page, 0
+
+    def dead_ids(self, job_type: str | None = None) -> list[str]:
+        """Ids of every dead-lettered job (of ``job_type`` if given)."""
+        return [
+            job_id
+            for job_id in self._dead
+            if job_type is None or self._jobs[job_id].job_type == job_type
+        ]
+
+    def pause(self, job_type: str) -> None:
+        """Stop delivering ``job_type``; its jobs wait, they are not failed."""
+        self._paused.add(job_type)
+
+    def resume(self, job_type: str) -> None:
+        """Deliver ``job_type`` again."""
+        self._paused.discard(job_type)
+
+    @property
+    def paused(self) -> frozenset[str]:
+        """The paused job types."""
+        return frozenset(self._paused)
+
+    # -- time ----------------------------------------------------------------
+
+    def tick(self, *, now: float) -> list[Job]:
+        """Promote due scheduled jobs and expire leases that ran out.
+
+        After ``tick(now)``, :meth:`next_deadline` is later than ``now``.
+        Returns every changed record, in the order of the changes.
+        """
+        changed: list[Job] = []
+        while self._scheduled and self._scheduled[0][0] <= now:
+            due, job_id = heapq.heappop(self._scheduled)
+            job = self._jobs.get(job_id)
+            if job is not None and job.status is Status.SCHEDULED and job.scheduled_at == due:
+                result = self._change(job, Promoted(now=now))
+                assert isinstance(result, Job)
+                changed.append(result)
+        while self._leases and self._leases[0][0] <= now:
+            expires, job_id, lease_id = heapq.heappop(self._leases)
+            job = self._jobs.get(job_id)
+            if (
+                job is not None
+                and job.status is Status.RUNNING
+                and job.lease_id == lease_id
+                and job.lease_expires_at == expires
+            ):
+                result = self._change(job, LeaseExpired(now=now, lease_id=lease_id))
+                assert isinstance(result, Job)
+                changed.append(result)
+        return changed
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which :meth:`tick` has work, or ``None``."""
+        self._drop_stale()
+        times = [heap[0][0] for heap in (self._scheduled, self._leases) if heap]
+        return min(times) if times else None
+
+    def _drop_stale(self) -> None:
+        while self._scheduled:
+            due, job_id = self._scheduled[0]
+            job = self._jobs.get(job_id)
+            if job is not None and job.status is Status.SCHEDULED and job.scheduled_at == due:
+                break
+            heapq.heappop(self._scheduled)
+        while self._leases:
+            expires, job_id, lease_id = self._leases[0]
+            job = self._jobs.get(job_id)
+            if (
+                job is not None
+                and job.status is Status.RUNNING
+                and job.lease_id == lease_id
+                and job.lease_expires_at == expires
+            ):
+                break
+            heapq.heappop(self._leases)
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        """The active record of a job (not completed or cancelled ones)."""
+        return self._jobs.get(job_id)
+
+    def ready_count(self, job_type: str) -> int:
+        """How many jobs of ``job_type`` are queued (paused or not)."""
+        return sum(self._counts.get((job_type, Status.QUEUED, p), 0) for p in (1, 2, 3))
+
+    def statistics(self) -> QueueStats:
+        """Counts per job type and in total."""
+        queued: dict[str, list[int]] = {}
+        other: dict[tuple[str, Status], int] = {}
+        for (job_type, status, priority), n in self._counts.items():
+            if status is Status.QUEUED:
+                queued.setdefault(job_type, [0, 0, 0])[priority - 1] += n
+            else:
+                other[job_type, status] = other.get((job_type, status), 0) + n
+        names = queued.keys() | {job_type for job_type, _ in other} | self._paused
+        types = {
+            job_type: TypeStats(
+                queued=tuple(queued.get(job_type, (0, 0, 0))),  # type: ignore[arg-type]
+                scheduled=other.get((job_type, Status.SCHEDULED), 0),
+                running=other.get((job_type, Status.RUNNING), 0),
+                dead=other.get((job_type, Status.FAILED), 0),
+                paused=job_type in self._paused,
+            )
+            for job_type in sorted(names)
+        }
+        return QueueStats(
+            types=types,
+            queued=sum(sum(q) for q in queued.values()),
+            scheduled=sum(s.scheduled for s in types.values()),
+            running=sum(s.running for s in types.values()),
+            dead=len(self._dead),
+            streams=self.dispatcher.statistics().streams,
+        )
