@@ -1,0 +1,422 @@
+"""The broker: the trio side of one server instance's queue.
+
+The broker owns the core's :class:`~stackduck_core.QueueCore` and the record
+store's :class:`~stackduck_trio._store.GroupCommitter`, and gives the gRPC
+service one async method per operation. It holds no rules: each method calls
+the core (synchronously -- in trio nothing else runs between two awaits, so
+every core call is atomic and the core needs no lock or inbox task), hands the
+changed records to the group committer in the same step, and waits for the
+commit before it answers. The rules -- validation, transitions, ordering,
+backoff, leases, dispatch -- are the core's.
+
+Order of durability:
+
+* a new job is written first and enters the queue only when its batch has
+  committed (``on_commit``), so a job is never delivered unless it is on
+  disk, and an acknowledged enqueue survives ``kill -9``;
+* an ack changes the queue at once and is answered once its write commits;
+  if the store is slow the write stays queued (and is retried), and the
+  client is told UNAVAILABLE after ``write_timeout``;
+* deliveries (status ``running``) are written without waiting: after a crash
+  a running job is requeued anyway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from stackduck_core import (
+    EnqueueRequest,
+    Job,
+    QueueCore,
+    QueueStats,
+    Rejected,
+    RejectReason,
+    Status,
+    new_job,
+    validate_enqueue,
+)
+from stackduck_core._failover import Durability, EnqueueMode, route
+
+from ._clock import Clock
+from ._store import GroupCommitter, StorageUnavailable
+
+log = logging.getLogger("stackduck.broker")
+
+
+class Unavailable(Exception):
+    """The operation cannot be done now (record store down or too slow)."""
+
+
+@attrs.define
+class TypeCounters:
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+
+
+def new_id() -> str:
+    """A fresh job or lease id."""
+    return str(uuid.uuid4())
+
+
+class Broker:
+    """One instance's queue: the core, the writer, the streams and the timer.
+
+    Args:
+        core: the in-memory queue engine.
+        committer: the record store's single writer.
+        clock: wall time for the core, and deadlines for trio.
+        write_timeout: how long a request waits for its write to commit.
+    """
+
+    def __init__(
+        self,
+        *,
+        core: QueueCore,
+        committer: GroupCommitter,
+        clock: Clock,
+        write_timeout: float = 10.0,
+    ) -> None:
+        self.core = core
+        self.committer = committer
+        self.clock = clock
+        self.write_timeout = write_timeout
+        self.counters: dict[str, TypeCounters] = {}
+        self._streams: dict[int, trio.MemorySendChannel[Job]] = {}
+        self._stream_ids = itertools.count(1)
+        self._timer_wakeup = trio.Event()
+        self._timer_target = math.inf
+        self._idle = trio.Event()
+        self.draining = False
+
+    # -- plumbing --------------------------------------------------------------
+
+    async def _committed(self, done: trio.Event) -> None:
+        with trio.move_on_after(self.write_timeout):
+            await done.wait()
+            return
+        raise Unavailable(
+            f"the record store ({self.committer.backend.kind}) did not confirm the write "
+            f"within {self.write_timeout:g} s; it stays queued and will be retried"
+        )
+
+    def _persist(self, jobs: Sequence[Job]) -> trio.Event:
+        self._count(jobs)
+        return self.committer.write(jobs)
+
+    def _count(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            if job.status is Status.COMPLETED:
+                self._counters(job.job_type).completed += 1
+            elif job.status is Status.FAILED:
+                self._counters(job.job_type).failed += 1
+
+    def _counters(self, job_type: str) -> TypeCounters:
+        counters = self.counters.get(job_type)
+        if counters is None:
+            counters = self.counters[job_type] = TypeCounters()
+        return counters
+
+    def changed(self) -> None:
+        """Deliver what can be delivered now and re-arm the timer.
+
+        Called after every change of the queue. Deliveries go into the
+        streams' channels, whose capacity is the stream's prefetch: the
+        dispatcher never plans beyond a stream's credit, so ``send_nowait``
+        cannot block.
+        """
+        if not self.draining and self._streams:
+            deliveries = self.core.dispatch(now=self.clock.now())
+            if deliveries:
+                self.committer.write([d.job for d in deliveries])
+                for delivery in deliveries:
+                    self._streams[delivery.stream_id].send_nowait(delivery.job)
+        deadline = self.core.next_deadline()
+        if deadline is not None and deadline < self._timer_target:
+            self._timer_wakeup.set()
+        if self.core.statistics().running == 0:
+            self._idle.set()
+
+    async def _admission(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        await self.committer.wait_capacity()
+
+    # -- producers ---------------------------------------------------------------
+
+    async def enqueue(self, requests: Sequence[EnqueueRequest]) -> list[Job | Rejected]:
+        """Validate, persist and queue jobs; one result per request, in order."""
+        await self._admission()
+        decision = route(None, self.committer.health.state, Durability.STRICT)
+        if decision.enqueue is EnqueueMode.REJECT_UNAVAILABLE:
+            raise Unavailable(f"{self.committer.backend.kind}: {decision.reason}")
+        now = self.clock.now()
+        results: list[Job | Rejected] = []
+        accepted: list[Job] = []
+        for request in requests:
+            spec = validate_enqueue(request, now=now, limits=self.core.limits)
+            if isinstance(spec, Rejected):
+                results.append(spec)
+                continue
+            job = new_job(new_id(), spec, now)
+            accepted.append(job)
+            results.append(job)
+        if accepted:
+
+            def admit() -> None:
+                admitted_at = self.clock.now()
+                for job in accepted:
+                    self.core.restore(job, now=admitted_at)
+                self.changed()
+
+            await self._committed(self.committer.write(accepted, on_commit=admit))
+        return results
+
+    async def cancel(self, job_id: str) -> Job | Rejected:
+        await self._admission()
+        return await self._finish(job_id, self.core.cancel(job_id, now=self.clock.now()))
+
+    async def get(self, job_id: str) -> Job | None:
+        job = self.core.get(job_id)
+        if job is not None:
+            return job
+        return await self._stored(job_id)
+
+    async def _stored(self, job_id: str) -> Job | None:
+        backend = self.committer.backend
+        try:
+            result = await self.committer.run_blocking(lambda: backend.get(job_id))
+        except StorageUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        assert result is None or isinstance(result, Job)
+        return result
+
+    async def _finish(self, job_id: str, result: Job | Rejected) -> Job | Rejected:
+        """Persist a changed record and answer after commit; explain NOT_FOUND."""
+        if isinstance(result, Rejected):
+            return await self._explain(job_id, result)
+        done = self._persist([result])
+        self.changed()
+        await self._committed(done)
+        return result
+
+    # -- workers -------------------------------------------------------------------
+
+    def open_stream(
+        self,
+        *,
+        worker_id: str,
+        job_types: Sequence[str],
+        prefetch: int,
+        lease_seconds: float | None,
+    ) -> tuple[int, trio.MemoryReceiveChannel[Job]]:
+        """Attach a worker stream; jobs for it arrive on the returned channel."""
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        stream_id = next(self._stream_ids)
+        send, receive = trio.open_memory_channel[Job](prefetch)
+        self.core.attach(
+            stream_id,
+            worker_id=worker_id,
+            job_types=job_types,
+            prefetch=prefetch,
+            lease_seconds=lease_seconds,
+        )
+        self._streams[stream_id] = send
+        self.changed()
+        return stream_id, receive
+
+    def close_stream(self, stream_id: int) -> None:
+        """Detach a stream: its un-acked jobs are requeued at once."""
+        send = self._streams.pop(stream_id, None)
+        if send is None:
+            return
+        send.close()
+        changed = self.core.detach(stream_id, now=self.clock.now())
+        if changed:
+            self._persist(changed)
+            log.info("stream %d closed; requeued %d jobs", stream_id, len(changed))
+        self.changed()
+
+    async def claim(
+        self, job_type: str, *, worker_id: str, lease_seconds: float | None
+    ) -> Job | None:
+        """Unary dequeue of one job under a lease."""
+        await self._admission()
+        job = self.core.claim(
+            job_type, now=self.clock.now(), worker_id=worker_id, lease_seconds=lease_seconds
+        )
+        if job is not None:
+            self.committer.write([job])
+            self.changed()
+        return job
+
+    async def complete(self, job_id: str, lease_id: str | None) -> Job | Rejected:
+        result = self.core.complete(job_id, lease_id=lease_id, now=self.clock.now())
+        return await self._finish(job_id, result)
+
+    async def fail(self, job_id: str, lease_id: str | None, error: str) -> Job | Rejected:
+        result = self.core.fail(job_id, lease_id=lease_id, error=error, now=self.clock.now())
+        if isinstance(result, Job) and result.status is not Status.FAILED:
+            self._counters(result.job_type).retried += 1
+        return await self._finish(job_id, result)
+
+    async def ack_many(
+        self, acks: Sequence[tuple[str, str | None, bool, str]]
+    ) -> list[Job | Rejected]:
+        """Complete or fail many jobs with one commit: ``(job_id, lease, failed, error)``."""
+        now = self.clock.now()
+        results: list[Job | Rejected] = []
+        for job_id, lease_id, failed, error in acks:
+            if failed:
+                result = self.core.fail(job_id, lease_id=lease_id, error=error, now=now)
+                if isinstance(result, Job) and result.status is not Status.FAILED:
+                    self._counters(result.job_type).retried += 1
+            else:
+                result = self.core.complete(job_id, lease_id=lease_id, now=now)
+            results.append(result)
+        changed = [r for r in results if isinstance(r, Job)]
+        done = self._persist(changed) if changed else None
+        self.changed()
+        out = [await self._explain(ack[0], r) for ack, r in zip(acks, results, strict=True)]
+        if done is not None:
+            await self._committed(done)
+        return out
+
+    def extend(
+        self, job_id: str, lease_id: str | None, lease_seconds: float | None
+    ) -> Job | Rejected:
+        """Extend a lease. Not persisted: after a restart every lease is void anyway."""
+        result = self.core.extend(
+            job_id, lease_id=lease_id, now=self.clock.now(), lease_seconds=lease_seconds
+        )
+        if isinstance(result, Job):
+            self.changed()
+        return result
+
+    # -- dead letters and pauses -------------------------------------------------------
+
+    def dead_ids(self, job_ids: Sequence[str], job_type: str) -> list[str]:
+        if job_ids:
+            return list(job_ids)
+        return self.core.dead_ids(None if job_type == "*" else job_type)
+
+    async def requeue(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
+        await self._admission()
+        now = self.clock.now()
+        results = [self.core.requeue(job_id, now=now) for job_id in job_ids]
+        return await self._finish_many(job_ids, results)
+
+    async def purge(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
+        now = self.clock.now()
+        results = [self.core.purge(job_id, now=now) for job_id in job_ids]
+        deleted = [r.id for r in results if isinstance(r, Job)]
+        done = self.committer.write(deletes=deleted) if deleted else None
+        out = [await self._explain(job_id, r) for job_id, r in zip(job_ids, results, strict=True)]
+        if done is not None:
+            await self._committed(done)
+        return out
+
+    async def _finish_many(
+        self, job_ids: Sequence[str], results: list[Job | Rejected]
+    ) -> list[Job | Rejected]:
+        changed = [r for r in results if isinstance(r, Job)]
+        done = self._persist(changed) if changed else None
+        self.changed()
+        out = [await self._explain(job_id, r) for job_id, r in zip(job_ids, results, strict=True)]
+        if done is not None:
+            await self._committed(done)
+        return out
+
+    async def _explain(self, job_id: str, result: Job | Rejected) -> Job | Rejected:
+        if isinstance(result, Rejected) and result.reason is RejectReason.NOT_FOUND:
+            stored = await self._stored(job_id)
+            if stored is not None:
+                return Rejected(RejectReason.WRONG_STATE, f"job {job_id} is {stored.status.value}")
+            return Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
+        return result
+
+    def pause(self, job_type: str) -> None:
+        self.core.pause(job_type)
+
+    def resume(self, job_type: str) -> None:
+        self.core.resume(job_type)
+        self.changed()
+
+    def statistics(self) -> QueueStats:
+        return self.core.statistics()
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def run_timer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Promote due jobs and expire leases at the core's next deadline."""
+        task_status.started()
+        while True:
+            deadline = self.core.next_deadline()
+            self._timer_target = math.inf if deadline is None else deadline
+            self._timer_wakeup = trio.Event()
+            trio_deadline = math.inf if deadline is None else self.clock.trio_deadline(deadline)
+            with trio.move_on_at(trio_deadline):
+                await self._timer_wakeup.wait()
+            changed = self.core.tick(now=self.clock.now())
+            if changed:
+                self._persist(changed)
+            self.changed()
+
+    async def drain(self, grace: float) -> None:
+        """Stop delivering; wait up to ``grace`` for running jobs; requeue the rest."""
+        self.draining = True
+        with trio.move_on_after(grace):
+            while self.core.statistics().running:
+                self._idle = trio.Event()
+                await self._idle.wait()
+        for stream_id in list(self._streams):
+            self.close_stream(stream_id)
+
+    def restore(self, jobs: Sequence[Job]) -> int:
+        """Rebuild the queue from the record store at start; returns requeued count."""
+        now = self.clock.now()
+        requeued: list[Job] = []
+        for job in jobs:
+            restored = self.core.restore(job, now=now)
+            if restored is not job:
+                requeued.append(restored)
+        if requeued:
+            self.committer.write(requeued)
+        return len(requeued)
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+
+def rejected_to_status(rejected: Rejected) -> tuple[str, str]:
+    """The gRPC status name and message for a core rejection."""
+    status = _STATUS_OF[rejected.reason]
+    message = rejected.message
+    if rejected.field and rejected.reason is RejectReason.INVALID_ARGUMENT:
+        message = (
+            f"{rejected.field}: {message}" if not message.startswith(rejected.field) else message
+        )
+    return status, message
+
+
+_STATUS_OF: dict[RejectReason, str] = {
+    RejectReason.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    RejectReason.TOO_LARGE: "RESOURCE_EXHAUSTED",
+    RejectReason.NOT_FOUND: "NOT_FOUND",
+    RejectReason.WRONG_STATE: "FAILED_PRECONDITION",
+    RejectReason.STALE_LEASE: "FAILED_PRECONDITION",
+    RejectReason.NOT_DUE: "FAILED_PRECONDITION",
+    RejectReason.LEASE_NOT_EXPIRED: "FAILED_PRECONDITION",
+}

@@ -1,0 +1,258 @@
+"""Server configuration: defaults < ``.env`` file < environment < CLI flags.
+
+The seed's variables keep their meaning (``DATABASE_URL``, ``REDIS_URL``,
+``SERVER_ADDR``, with ``GRPC_PORT`` as an alias for the port); everything else
+is ``STACKDUCK_<NAME>``. :data:`SETTINGS` is the single list from which the
+CLI flags, the environment names and the README table are derived.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import attrs
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message says which."""
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """Everything ``serve()`` needs. See :data:`SETTINGS` for the meaning of each."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: str = "./stackduck-data"
+    database_url: str | None = None
+    redis_url: str | None = None
+    tokens: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_payload_bytes: int = 1024 * 1024
+    lease_seconds: float = 60.0
+    heartbeat_interval: float = 2.0
+    grace_period: float = 10.0
+    write_timeout: float = 10.0
+    max_lost_leases: int = 5
+    sqlite_synchronous: str = "full"
+    log_format: str = "human"
+    log_level: str = "info"
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite file, or ``:memory:`` for a store that keeps nothing."""
+        if self.data_dir == ":memory:":
+            return ":memory:"
+        return str(pathlib.Path(self.data_dir) / "stackduck.db")
+
+
+@attrs.frozen
+class Setting:
+    """One configuration knob: its field, flag, environment name, parser, help."""
+
+    field: str
+    env: str
+    parse: Callable[[str], object]
+    help: str
+    metavar: str = "VALUE"
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return value
+
+
+def _tokens(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text.lower()
+
+    return parse
+
+
+def _optional(text: str) -> str | None:
+    return text or None
+
+
+SETTINGS: Final = (
+    Setting("host", "STACKDUCK_HOST", str, "address to bind (0.0.0.0 for every interface)", "HOST"),
+    Setting("port", "GRPC_PORT", _port, "gRPC port; 0 picks a free one", "PORT"),
+    Setting(
+        "data_dir",
+        "STACKDUCK_DATA_DIR",
+        str,
+        "directory of the embedded SQLite store; ':memory:' keeps nothing",
+        "DIR",
+    ),
+    Setting("database_url", "DATABASE_URL", _optional, "PostgreSQL record store (not yet)", "URL"),
+    Setting("redis_url", "REDIS_URL", _optional, "Redis queue tier (not yet)", "URL"),
+    Setting(
+        "tokens",
+        "STACKDUCK_TOKENS",
+        _tokens,
+        "comma-separated bearer tokens; when set every call needs one",
+        "T1,T2",
+    ),
+    Setting("tls_cert", "STACKDUCK_TLS_CERT", _optional, "TLS certificate chain (PEM)", "FILE"),
+    Setting("tls_key", "STACKDUCK_TLS_KEY", _optional, "TLS private key (PEM)", "FILE"),
+    Setting(
+        "max_message_bytes",
+        "STACKDUCK_MAX_MESSAGE_BYTES",
+        _positive_int,
+        "largest gRPC message accepted",
+        "BYTES",
+    ),
+    Setting(
+        "max_payload_bytes",
+        "STACKDUCK_MAX_PAYLOAD_BYTES",
+        _positive_int,
+        "largest job payload accepted",
+        "BYTES",
+    ),
+    Setting(
+        "lease_seconds",
+        "STACKDUCK_LEASE_SECONDS",
+        _positive_float,
+        "default lease of a delivered job; workers extend it for long jobs",
+        "SECONDS",
+    ),
+    Setting(
+        "heartbeat_interval",
+        "STACKDUCK_HEARTBEAT_INTERVAL",
+        _positive_float,
+        "seconds between heartbeats on idle worker streams",
+        "SECONDS",
+    ),
+    Setting(
+        "grace_period",
+        "STACKDUCK_GRACE_PERIOD",
+        _positive_float,
+        "on SIGTERM/SIGINT, how long running jobs may finish before requeue",
+        "SECONDS",
+    ),
+    Setting(
+        "write_timeout",
+        "STACKDUCK_WRITE_TIMEOUT",
+        _positive_float,
+        "how long a request waits for the record store before UNAVAILABLE",
+        "SECONDS",
+    ),
+    Setting(
+        "max_lost_leases",
+        "STACKDUCK_MAX_LOST_LEASES",
+        _positive_int,
+        "poison-pill guard: lost leases before a job is dead-lettered",
+        "N",
+    ),
+    Setting(
+        "sqlite_synchronous",
+        "STACKDUCK_SQLITE_SYNCHRONOUS",
+        _choice("full", "normal"),
+        "full survives OS crashes; normal only process crashes (faster)",
+        "MODE",
+    ),
+    Setting("log_format", "STACKDUCK_LOG_FORMAT", _choice("human", "json"), "log format", "FMT"),
+    Setting(
+        "log_level",
+        "STACKDUCK_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error"),
+        "log level",
+        "LEVEL",
+    ),
+)
+
+
+def read_env_file(path: pathlib.Path) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=VALUE`` lines, ``#`` comments, optional quotes."""
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+def _split_addr(text: str) -> tuple[str | None, str]:
+    # SERVER_ADDR is "host:port", "[v6]:port" or a bare port (the seed's docs)
+    if text.isdigit():
+        return None, text
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"SERVER_ADDR={text!r}: expected HOST:PORT or PORT")
+    return host.strip("[]"), port
+
+
+def load_config(
+    *,
+    environ: Mapping[str, str] | None = None,
+    env_file: pathlib.Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> ServerConfig:
+    """Build a :class:`ServerConfig`.
+
+    Args:
+        environ: the environment (``os.environ`` when ``None``).
+        env_file: a ``.env`` file; its values apply where the environment has none.
+        overrides: already parsed values (CLI flags), which win over everything.
+
+    Raises:
+        ConfigError: naming the variable or flag and what is wrong with it.
+    """
+    env: dict[str, str] = {}
+    if env_file is not None and env_file.exists():
+        env.update(read_env_file(env_file))
+    env.update(os.environ if environ is None else environ)
+    values: dict[str, object] = {}
+    if env.get("SERVER_ADDR"):
+        host, port = _split_addr(env["SERVER_ADDR"])
+        if host is not None:
+            values["host"] = host
+        env["GRPC_PORT"] = port  # SERVER_ADDR wins over its GRPC_PORT alias
+    for setting in SETTINGS:
+        text = env.get(setting.env)
+        if text is None:
+            continue
+        try:
+            values[setting.field] = setting.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{setting.env}={text!r}: {exc}") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config = ServerConfig(**values)  # type: ignore[arg-type]
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+    return config

@@ -1,0 +1,445 @@
+"""The gRPC service: thin adapters from protobuf messages to the broker.
+
+Each method decodes its request, calls the broker, and encodes the answer or
+raises :class:`~stackduck_trio._rpc.RpcError` with a precise status. Method
+names are the RPC names of ``proto/stackduck.proto``. No rule lives here:
+validation is the core's (``validate_enqueue``), and a core rejection maps
+to a status through :func:`~stackduck_trio._broker.rejected_to_status`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+import trio
+from purerpc.grpclib.status import StatusCode
+
+from stackduck_core import EnqueueRequest, Job, Rejected
+
+from ._broker import Broker, Unavailable, rejected_to_status
+from ._proto import health_pb2
+from ._proto import stackduck_pb2 as pb
+from ._rpc import CallContext, RpcError
+
+log = logging.getLogger("stackduck.service")
+
+MAX_PREFETCH: Final = 1000
+MAX_LEASE_SECONDS: Final = 86400
+MAX_BATCH: Final = 10_000
+MAX_LIST: Final = 1000
+#: Per-item codes in batch answers (google.rpc.Code numbers).
+_CODE_NUMBER: Final = {name: StatusCode[name].value for name in StatusCode.__members__}
+
+
+def _seconds(value: float | None) -> int:
+    return 0 if value is None else int(value)
+
+
+def job_to_pb(job: Job, notification: str = "") -> pb.GrpcJob:
+    """Encode a job record as the wire ``GrpcJob`` (times in Unix seconds)."""
+    return pb.GrpcJob(
+        id=job.id,
+        job_type=job.job_type,
+        payload=job.payload,
+        status=job.status.value,
+        priority=job.priority,
+        retry_count=job.retry_count,
+        max_retries=job.max_retries,
+        error_message=job.error_message,
+        delay=job.delay,
+        scheduled_at=_seconds(job.scheduled_at),
+        started_at=_seconds(job.started_at),
+        completed_at=_seconds(job.completed_at),
+        created_at=_seconds(job.created_at),
+        updated_at=_seconds(job.updated_at),
+        lease_id=job.lease_id or "",
+        attempt=job.attempt,
+        lease_expires_at_ms=0 if job.lease_expires_at is None else int(job.lease_expires_at * 1000),
+        worker_id=job.worker_id or "",
+    )
+
+
+def enqueue_request(message: pb.EnqueueJobRequest) -> EnqueueRequest:
+    """Decode an enqueue request, keeping "omitted" apart from an explicit 0."""
+    return EnqueueRequest(
+        job_type=message.job_type,
+        payload=message.payload or None,
+        priority=message.priority if message.HasField("priority") else None,
+        delay=message.delay if message.HasField("delay") else None,
+        max_retries=message.max_retries if message.HasField("max_retries") else None,
+        scheduled_at=message.scheduled_at or None,
+    )
+
+
+def _raise_for(result: Job | Rejected) -> Job:
+    if isinstance(result, Rejected):
+        status, message = rejected_to_status(result)
+        raise RpcError(StatusCode[status], message)
+    return result
+
+
+def _item(result: Job | Rejected) -> pb.ItemResult:
+    if isinstance(result, Rejected):
+        status, message = rejected_to_status(result)
+        return pb.ItemResult(code=_CODE_NUMBER[status], message=message)
+    return pb.ItemResult(job_id=result.id, code=0, status=result.status.value)
+
+
+def _optional_range(
+    message: object, field: str, low: int, high: int, default: int | None
+) -> int | None:
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return default
+    value: int = getattr(message, field)
+    if not low <= value <= high:
+        raise RpcError(
+            StatusCode.INVALID_ARGUMENT, f"{field} must be between {low} and {high}, got {value}"
+        )
+    return value
+
+
+def _lease_or_none(lease_id: str) -> str | None:
+    return lease_id or None
+
+
+class StackDuckService:
+    """Implementation of ``stackduck.StackDuckService``.
+
+    Args:
+        broker: the instance's broker.
+        heartbeat_interval: seconds between heartbeat messages on idle
+            ConsumeJobs streams (writes to a dead peer fail, and clients use
+            them to notice a dead server).
+    """
+
+    def __init__(self, broker: Broker, *, heartbeat_interval: float = 2.0) -> None:
+        self.broker = broker
+        self.heartbeat_interval = heartbeat_interval
+
+    # -- original RPCs ----------------------------------------------------------
+
+    async def EnqueueJob(
+        self, request: pb.EnqueueJobRequest, ctx: CallContext
+    ) -> pb.EnqueueJobResponse:
+        (result,) = await self._call(self.broker.enqueue([enqueue_request(request)]))
+        job = _raise_for(result)
+        return pb.EnqueueJobResponse(job_id=job.id, success=True, status=job.status.value)
+
+    async def ConsumeJobs(
+        self, request: pb.ConsumeJobsRequest, ctx: CallContext
+    ) -> AsyncIterator[pb.JobMessage]:
+        job_types = list(request.job_types)
+        if not job_types:
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT, "job_types: at least one job type is required"
+            )
+        for job_type in job_types:
+            if not job_type:
+                raise RpcError(StatusCode.INVALID_ARGUMENT, "job_types: empty job type")
+        prefetch = _optional_range(request, "prefetch", 1, MAX_PREFETCH, 1)
+        lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
+        assert prefetch is not None
+        try:
+            stream_id, jobs = self.broker.open_stream(
+                worker_id=request.worker_id or ctx.peer,
+                job_types=job_types,
+                prefetch=prefetch,
+                lease_seconds=None if lease is None else float(lease),
+            )
+        except Unavailable as exc:
+            raise RpcError(StatusCode.UNAVAILABLE, str(exc)) from exc
+        heartbeat = pb.JobMessage(notification_type="Heartbeat")
+        try:
+            async with jobs:
+                while True:
+                    job: Job | None = None
+                    with trio.move_on_after(self.heartbeat_interval):
+                        job = await jobs.receive()
+                    if job is None:
+                        yield heartbeat
+                        continue
+                    kind = "RetryJob" if job.retry_count or job.attempt > 1 else "NewJob"
+                    yield pb.JobMessage(job=job_to_pb(job), notification_type=kind)
+        except trio.EndOfChannel:
+            # The broker closed the stream (server shutdown): end it cleanly.
+            raise RpcError(StatusCode.UNAVAILABLE, "the server is shutting down") from None
+        finally:
+            self.broker.close_stream(stream_id)
+
+    async def CompleteJob(
+        self, request: pb.CompleteJobRequest, ctx: CallContext
+    ) -> pb.CompleteJobResponse:
+        _require_id(request.job_id)
+        _raise_for(
+            await self._call(self.broker.complete(request.job_id, _lease_or_none(request.lease_id)))
+        )
+        return pb.CompleteJobResponse(success=True)
+
+    async def FailJob(self, request: pb.FailJobRequest, ctx: CallContext) -> pb.FailJobResponse:
+        _require_id(request.job_id)
+        job = _raise_for(
+            await self._call(
+                self.broker.fail(
+                    request.job_id, _lease_or_none(request.lease_id), request.error_message
+                )
+            )
+        )
+        return pb.FailJobResponse(success=True, status=job.status.value)
+
+    async def RetryJob(self, request: pb.RetryJobRequest, ctx: CallContext) -> pb.RetryJobResponse:
+        _require_id(request.job_id)
+        job = _raise_for(
+            await self._call(
+                self.broker.fail(
+                    request.job_id, _lease_or_none(request.lease_id), request.error_message
+                )
+            )
+        )
+        return pb.RetryJobResponse(success=True, status=job.status.value)
+
+    async def DequeueJob(
+        self, request: pb.DequeueJobRequest, ctx: CallContext
+    ) -> pb.DequeueJobResponse:
+        if not request.queue_name:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "queue_name: the job type is required")
+        lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
+        job = await self._call(
+            self.broker.claim(
+                request.queue_name,
+                worker_id=request.worker_id or ctx.peer,
+                lease_seconds=None if lease is None else float(lease),
+            )
+        )
+        if job is None:
+            raise RpcError(StatusCode.NOT_FOUND, f"no ready job of type {request.queue_name!r}")
+        return pb.DequeueJobResponse(job=job_to_pb(job), success=True)
+
+    async def DequeueRetriedJob(
+        self, request: pb.DequeueRetriedJobRequest, ctx: CallContext
+    ) -> pb.DequeueRetriedJobResponse:
+        raise RpcError(
+            StatusCode.UNIMPLEMENTED,
+            "DequeueRetriedJob was an internal endpoint of the original server; "
+            "retries are delivered by ConsumeJobs and DequeueJob",
+        )
+
+    # -- additions -----------------------------------------------------------------
+
+    async def EnqueueJobs(
+        self, request: pb.EnqueueJobsRequest, ctx: CallContext
+    ) -> pb.EnqueueJobsResponse:
+        if len(request.jobs) > MAX_BATCH:
+            raise RpcError(
+                StatusCode.RESOURCE_EXHAUSTED, f"jobs: at most {MAX_BATCH} jobs per batch"
+            )
+        results = await self._call(self.broker.enqueue([enqueue_request(j) for j in request.jobs]))
+        return pb.EnqueueJobsResponse(results=[_item(r) for r in results])
+
+    async def AckJobs(self, request: pb.AckJobsRequest, ctx: CallContext) -> pb.AckJobsResponse:
+        if len(request.acks) > MAX_BATCH:
+            raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"acks: at most {MAX_BATCH} per batch")
+        acks = [
+            (a.job_id, _lease_or_none(a.lease_id), a.failed, a.error_message) for a in request.acks
+        ]
+        results = await self._call(self.broker.ack_many(acks))
+        return pb.AckJobsResponse(results=[_item(r) for r in results])
+
+    async def GetJob(self, request: pb.GetJobRequest, ctx: CallContext) -> pb.GetJobResponse:
+        _require_id(request.job_id)
+        job = await self._call(self.broker.get(request.job_id))
+        if job is None:
+            raise RpcError(StatusCode.NOT_FOUND, f"no job with id {request.job_id}")
+        return pb.GetJobResponse(job=job_to_pb(job))
+
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, ctx: CallContext
+    ) -> pb.CancelJobResponse:
+        _require_id(request.job_id)
+        job = _raise_for(await self._call(self.broker.cancel(request.job_id)))
+        return pb.CancelJobResponse(job=job_to_pb(job))
+
+    async def ExtendLease(
+        self, request: pb.ExtendLeaseRequest, ctx: CallContext
+    ) -> pb.ExtendLeaseResponse:
+        _require_id(request.job_id)
+        lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
+        job = _raise_for(
+            self.broker.extend(
+                request.job_id,
+                _lease_or_none(request.lease_id),
+                None if lease is None else float(lease),
+            )
+        )
+        assert job.lease_expires_at is not None
+        return pb.ExtendLeaseResponse(lease_expires_at_ms=int(job.lease_expires_at * 1000))
+
+    async def ListDeadJobs(
+        self, request: pb.ListDeadJobsRequest, ctx: CallContext
+    ) -> pb.ListDeadJobsResponse:
+        limit = request.limit or 100
+        if not 1 <= limit <= MAX_LIST:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, f"limit must be between 1 and {MAX_LIST}")
+        after = 0
+        if request.page_token:
+            try:
+                after = int(request.page_token)
+            except ValueError:
+                raise RpcError(
+                    StatusCode.INVALID_ARGUMENT, "page_token: not a token from this server"
+                ) from None
+        jobs, cursor = self.broker.core.dead(
+            job_type=request.job_type or None, after=after, limit=limit
+        )
+        return pb.ListDeadJobsResponse(
+            jobs=[job_to_pb(j) for j in jobs], next_page_token=str(cursor) if cursor else ""
+        )
+
+    def _select(self, job_ids: Sequence[str], job_type: str) -> list[str]:
+        if bool(job_ids) == bool(job_type):
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                'give either job_ids or job_type ("*" for every type), not both or neither',
+            )
+        if len(job_ids) > MAX_BATCH:
+            raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"job_ids: at most {MAX_BATCH} per call")
+        return self.broker.dead_ids(list(job_ids), job_type)
+
+    async def RequeueDeadJobs(
+        self, request: pb.RequeueDeadJobsRequest, ctx: CallContext
+    ) -> pb.RequeueDeadJobsResponse:
+        ids = self._select(request.job_ids, request.job_type)
+        results = await self._call(self.broker.requeue(ids))
+        return pb.RequeueDeadJobsResponse(
+            results=[_item(r) for r in results],
+            count=sum(1 for r in results if isinstance(r, Job)),
+        )
+
+    async def PurgeDeadJobs(
+        self, request: pb.PurgeDeadJobsRequest, ctx: CallContext
+    ) -> pb.PurgeDeadJobsResponse:
+        ids = self._select(request.job_ids, request.job_type)
+        results = await self._call(self.broker.purge(ids))
+        return pb.PurgeDeadJobsResponse(
+            results=[_item(r) for r in results],
+            count=sum(1 for r in results if isinstance(r, Job)),
+        )
+
+    async def GetStats(self, request: pb.GetStatsRequest, ctx: CallContext) -> pb.GetStatsResponse:
+        stats = self.broker.statistics()
+        streams = self.broker.core.dispatcher.statistics()
+        names = sorted(stats.types.keys() | self.broker.counters.keys())
+        types = []
+        for name in names:
+            t = stats.types.get(name)
+            c = self.broker.counters.get(name)
+            types.append(
+                pb.TypeStats(
+                    job_type=name,
+                    queued_p1=t.queued[0] if t else 0,
+                    queued_p2=t.queued[1] if t else 0,
+                    queued_p3=t.queued[2] if t else 0,
+                    scheduled=t.scheduled if t else 0,
+                    running=t.running if t else 0,
+                    dead=t.dead if t else 0,
+                    paused=t.paused if t else False,
+                    workers=streams.streams_by_type.get(name, 0),
+                    completed=c.completed if c else 0,
+                    failed=c.failed if c else 0,
+                    retried=c.retried if c else 0,
+                )
+            )
+        health = self.broker.committer.health
+        return pb.GetStatsResponse(
+            types=types,
+            workers=streams.streams,
+            running=stats.running,
+            dead=stats.dead,
+            backends=[
+                pb.BackendHealth(
+                    name="record_store",
+                    kind=self.broker.committer.backend.kind,
+                    state=health.state.value,
+                ),
+                pb.BackendHealth(name="queue_tier", kind="memory", state="healthy"),
+            ],
+        )
+
+    async def PauseJobType(
+        self, request: pb.PauseJobTypeRequest, ctx: CallContext
+    ) -> pb.PauseJobTypeResponse:
+        _require_type(request.job_type)
+        self.broker.pause(request.job_type)
+        return pb.PauseJobTypeResponse(paused=True)
+
+    async def ResumeJobType(
+        self, request: pb.ResumeJobTypeRequest, ctx: CallContext
+    ) -> pb.ResumeJobTypeResponse:
+        _require_type(request.job_type)
+        self.broker.resume(request.job_type)
+        return pb.ResumeJobTypeResponse(paused=False)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    async def _call(awaitable):  # type: ignore[no-untyped-def]
+        try:
+            return await awaitable
+        except Unavailable as exc:
+            raise RpcError(StatusCode.UNAVAILABLE, str(exc)) from exc
+
+
+def _require_id(job_id: str) -> None:
+    if not job_id:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, "job_id is required")
+
+
+def _require_type(job_type: str) -> None:
+    if not job_type:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, "job_type is required")
+
+
+class HealthService:
+    """``grpc.health.v1.Health``: SERVING while the record store accepts writes.
+
+    The overall service ("") and ``stackduck.StackDuckService`` are known;
+    anything else is NOT_FOUND, as the health-checking protocol specifies.
+    """
+
+    KNOWN: Final = frozenset({"", "stackduck.StackDuckService"})
+
+    def __init__(self, broker: Broker, *, interval: float = 1.0) -> None:
+        self.broker = broker
+        self.interval = interval
+
+    def _status(self) -> int:
+        if self.broker.draining:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        state = self.broker.committer.health.state.value
+        if state == "down":
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, ctx: CallContext
+    ) -> health_pb2.HealthCheckResponse:
+        if request.service not in self.KNOWN:
+            raise RpcError(StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=self._status())
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, ctx: CallContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        if request.service not in self.KNOWN:
+            yield health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            )
+            return
+        last = None
+        while True:
+            status = self._status()
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await trio.sleep(self.interval)

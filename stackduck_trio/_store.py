@@ -1,0 +1,475 @@
+"""The record store: every job row and every state change; the truth.
+
+Two pieces:
+
+* a *backend* does blocking I/O in a worker thread: :class:`SqliteBackend`
+  (the embedded default) or :class:`MemoryBackend` (nothing persisted, for
+  tests and throw-away servers); PostgreSQL joins them later with the same
+  three methods;
+* :class:`GroupCommitter`, the single writer: requests append their changed
+  records synchronously (so the order of writes is the order of the core's
+  decisions), and one task commits everything pending as one transaction,
+  then wakes every request of that batch. While a batch commits the next one
+  gathers, so a thousand concurrent acks cost a handful of fsyncs.
+
+A failed batch is never dropped: it is retried, with the backoff the core's
+health machine decides, until it commits (ARCHITECTURE §4: acks are
+buffered and retried). Requests waiting on it may give up (they answer
+UNAVAILABLE), but their writes stay in line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, Protocol, TypeVar
+
+import attrs
+import trio
+
+from stackduck_core import Job, Status
+from stackduck_core._failover import (
+    BackendHealth,
+    Health,
+    HealthChanged,
+    HealthEvent,
+    OpFailed,
+    OpSucceeded,
+    ProbeFailed,
+    ProbeSucceeded,
+    ReconcileFinished,
+    StartReconcile,
+)
+
+log = logging.getLogger("stackduck.store")
+T = TypeVar("T")
+
+_COLUMNS: Final = (
+    "id",
+    "job_type",
+    "payload",
+    "status",
+    "priority",
+    "max_retries",
+    "delay",
+    "scheduled_at",
+    "created_at",
+    "updated_at",
+    "retry_count",
+    "error_message",
+    "started_at",
+    "completed_at",
+    "seq",
+    "attempt",
+    "lost_leases",
+    "lease_id",
+    "lease_expires_at",
+    "worker_id",
+    "version",
+)
+#: Statuses the queue tier must hold after a restart.
+ACTIVE_STATUSES: Final = (Status.SCHEDULED, Status.QUEUED, Status.RUNNING, Status.FAILED)
+
+
+class StorageUnavailable(Exception):
+    """The backend could not be reached or refused the operation."""
+
+
+def job_to_row(job: Job) -> tuple[object, ...]:
+    """The SQL row of a job, in :data:`_COLUMNS` order."""
+    return tuple(job.status.value if name == "status" else getattr(job, name) for name in _COLUMNS)
+
+
+def row_to_job(row: Sequence[object]) -> Job:
+    """Rebuild a :class:`Job` from a row in :data:`_COLUMNS` order."""
+    fields = dict(zip(_COLUMNS, row, strict=True))
+    fields["status"] = Status(fields["status"])
+    return Job(**fields)  # type: ignore[arg-type]
+
+
+@attrs.frozen
+class Batch:
+    """What one transaction writes: upserts (newest version wins) and deletes."""
+
+    upserts: Sequence[Job]
+    deletes: Sequence[str]
+
+
+class Backend(Protocol):
+    """Blocking record-store operations, called from a worker thread."""
+
+    kind: str
+
+    def open(self) -> None: ...
+    def close(self) -> None: ...
+    def commit(self, batch: Batch) -> None: ...
+    def load_active(self) -> list[Job]: ...
+    def get(self, job_id: str) -> Job | None: ...
+    def counts(self) -> dict[str, int]: ...
+
+
+class SqliteBackend:
+    """SQLite in WAL mode, one connection used by one thread at a time.
+
+    ``synchronous=FULL`` (the default) makes a committed batch survive an OS
+    crash too; ``NORMAL`` survives process crashes (``kill -9``) only, for
+    speed. The schema is versioned with ``PRAGMA user_version``.
+    """
+
+    kind = "sqlite"
+    SCHEMA_VERSION: Final = 1
+
+    def __init__(self, path: pathlib.Path | str, *, synchronous: str = "FULL") -> None:
+        self.path = str(path)
+        self.synchronous = synchronous.upper()
+        if self.synchronous not in ("FULL", "NORMAL", "EXTRA", "OFF"):
+            raise ValueError(f"unknown synchronous mode {synchronous!r}")
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageUnavailable("the SQLite store is not open")
+        return self._db
+
+    def open(self) -> None:
+        if self.path != ":memory:":
+            pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=5000")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > self.SCHEMA_VERSION:
+            db.close()
+            raise StorageUnavailable(
+                f"{self.path} has schema version {version}, newer than this server "
+                f"({self.SCHEMA_VERSION}); upgrade Stackduck"
+            )
+        if version < 1:
+            db.executescript(
+                """
+                BEGIN;
+                CREATE TABLE IF NOT EXISTS jobs (
+                    id TEXT PRIMARY KEY,
+                    job_type TEXT NOT NULL,
+                    payload TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    priority INTEGER NOT NULL,
+                    max_retries INTEGER NOT NULL,
+                    delay INTEGER NOT NULL,
+                    scheduled_at REAL NOT NULL,
+                    created_at REAL NOT NULL,
+                    updated_at REAL NOT NULL,
+                    retry_count INTEGER NOT NULL,
+                    error_message TEXT NOT NULL,
+                    started_at REAL,
+                    completed_at REAL,
+                    seq INTEGER NOT NULL,
+                    attempt INTEGER NOT NULL,
+                    lost_leases INTEGER NOT NULL,
+                    lease_id TEXT,
+                    lease_expires_at REAL,
+                    worker_id TEXT,
+                    version INTEGER NOT NULL
+                );
+                -- restart rebuilds the queue from the active rows only
+                CREATE INDEX IF NOT EXISTS jobs_active ON jobs (status)
+                    WHERE status IN ('scheduled', 'queued', 'running', 'failed');
+                PRAGMA user_version = 1;
+                COMMIT;
+                """
+            )
+        self._db = db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    _UPSERT: Final = (
+        f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+        "ON CONFLICT(id) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+        # a late write of an older version never overwrites a newer one
+        + " WHERE excluded.version > jobs.version"
+    )
+
+    def commit(self, batch: Batch) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(self._UPSERT, [job_to_row(job) for job in batch.upserts])
+                if batch.deletes:
+                    db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in batch.deletes])
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"SQLite commit failed: {exc}") from exc
+
+    def load_active(self) -> list[Job]:
+        rows = self.db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs "
+            "WHERE status IN ('scheduled', 'queued', 'running', 'failed') ORDER BY seq, created_at"
+        ).fetchall()
+        return [row_to_job(row) for row in rows]
+
+    def get(self, job_id: str) -> Job | None:
+        row = self.db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return None if row is None else row_to_job(row)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+
+
+class MemoryBackend:
+    """A record store that keeps rows in a dict: nothing survives the process."""
+
+    kind = "memory"
+    threaded = False
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Job] = {}
+        self.fail_next = 0  # tests: number of commits to fail
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def commit(self, batch: Batch) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise StorageUnavailable("injected failure")
+        for job in batch.upserts:
+            old = self.rows.get(job.id)
+            if old is None or job.version > old.version:
+                self.rows[job.id] = job
+        for job_id in batch.deletes:
+            self.rows.pop(job_id, None)
+
+    def load_active(self) -> list[Job]:
+        return sorted(
+            (j for j in self.rows.values() if j.status in ACTIVE_STATUSES),
+            key=lambda j: (j.seq, j.created_at),
+        )
+
+    def get(self, job_id: str) -> Job | None:
+        return self.rows.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.rows.values():
+            out[job.status.value] = out.get(job.status.value, 0) + 1
+        return out
+
+
+class _Pending:
+    __slots__ = ("deletes", "done", "on_commit", "upserts")
+
+    def __init__(
+        self, upserts: Sequence[Job], deletes: Sequence[str], on_commit: Callable[[], None] | None
+    ) -> None:
+        self.upserts = upserts
+        self.deletes = deletes
+        self.on_commit = on_commit
+        self.done = trio.Event()
+
+
+@attrs.frozen(kw_only=True)
+class CommitterStats:
+    pending: int
+    batches: int
+    rows: int
+    failures: int
+    largest_batch: int
+
+
+class GroupCommitter:
+    """The single writer of the record store (see the module docstring).
+
+    Args:
+        backend: the blocking backend.
+        health: the backend's health machine (the core decides backoff).
+        max_batch: most writes per transaction.
+        max_pending: writes that may wait before :meth:`wait_capacity` blocks
+            new work (backpressure instead of unbounded memory).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        health: BackendHealth,
+        *,
+        now: Callable[[], float],
+        clock_deadline: Callable[[float], float],
+        max_batch: int = 5000,
+        max_pending: int = 50_000,
+    ) -> None:
+        self.backend = backend
+        self.health = health
+        self._now = now
+        self._deadline = clock_deadline
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._pending: list[_Pending] = []
+        self._wakeup = trio.Event()
+        self._space = trio.Event()
+        self._space.set()
+        self._limiter = trio.CapacityLimiter(1)
+        self._closed = False
+        self._reconcile_id: int | None = None
+        self._finished = trio.Event()
+        self._batches = 0
+        self._rows = 0
+        self._failures = 0
+        self._largest = 0
+
+    # -- producers -------------------------------------------------------------
+
+    async def wait_capacity(self) -> None:
+        """Block while too many writes are pending (backpressure)."""
+        while len(self._pending) >= self._max_pending:
+            self._space = trio.Event() if self._space.is_set() else self._space
+            await self._space.wait()
+
+    def write(
+        self,
+        upserts: Iterable[Job] = (),
+        deletes: Iterable[str] = (),
+        *,
+        on_commit: Callable[[], None] | None = None,
+    ) -> trio.Event:
+        """Queue records for the next batch; return an event set on commit.
+
+        Synchronous on purpose: the caller appends in the same step as the
+        core decision that produced the records, so writes keep its order.
+        ``on_commit`` runs in the trio thread right after the commit.
+        """
+        if self._closed:
+            raise StorageUnavailable("the record store is shut down")
+        item = _Pending(tuple(upserts), tuple(deletes), on_commit)
+        self._pending.append(item)
+        self._wakeup.set()
+        return item.done
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        """Run a blocking backend call on the store's thread, one at a time.
+
+        Backends that do no I/O (``threaded = False``) run inline, which keeps
+        tests under trio's autojump clock deterministic.
+        """
+        if not getattr(self.backend, "threaded", True):
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`run` has committed everything and returned."""
+        await self._finished.wait()
+
+    # -- the writer task ---------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit pending writes until :meth:`close` and every write is done."""
+        task_status.started()
+        try:
+            await self._commit_loop()
+        finally:
+            self._finished.set()
+
+    async def _commit_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            items = self._pending[: self._max_batch]
+            batch = self._merge(items)
+            try:
+                await self.run_blocking(functools.partial(self.backend.commit, batch))
+            except StorageUnavailable as exc:
+                self._failures += 1
+                self._report(failed=True)
+                log.warning("record store write failed (%s); retrying %d writes", exc, len(items))
+                # The health machine decides when to try again (capped backoff).
+                retry_at = self.health.next_probe_at()
+                assert retry_at is not None  # never HEALTHY right after a failure
+                await trio.sleep_until(self._deadline(retry_at))
+                continue
+            self._report(failed=False)
+            del self._pending[: len(items)]
+            self._batches += 1
+            self._rows += len(batch.upserts) + len(batch.deletes)
+            self._largest = max(self._largest, len(items))
+            if len(self._pending) < self._max_pending:
+                self._space.set()
+            for item in items:
+                if item.on_commit is not None:
+                    item.on_commit()
+                item.done.set()
+            if self._reconcile_id is not None and not self._pending:
+                # Recovery's reconcile for a record store is flushing what
+                # queued up while it was away: that backlog has now committed.
+                reconcile_id, self._reconcile_id = self._reconcile_id, None
+                self._apply_health(ReconcileFinished(now=self._now(), reconcile_id=reconcile_id))
+
+    def _report(self, *, failed: bool) -> None:
+        # While the store is down or recovering, every retried commit is the
+        # probe; otherwise it is an ordinary operation outcome.
+        now = self._now()
+        event: HealthEvent
+        if self.health.state in (Health.DOWN, Health.RECOVERING):
+            event = ProbeFailed(now=now) if failed else ProbeSucceeded(now=now)
+        else:
+            event = OpFailed(now=now) if failed else OpSucceeded(now=now)
+        self._apply_health(event)
+
+    def _apply_health(self, event: HealthEvent) -> None:
+        for effect in self.health.handle(event):
+            if isinstance(effect, HealthChanged):
+                log.warning(
+                    "record store (%s) health: %s -> %s",
+                    self.backend.kind,
+                    effect.old.value,
+                    effect.new.value,
+                )
+            elif isinstance(effect, StartReconcile):
+                self._reconcile_id = effect.reconcile_id
+
+    @staticmethod
+    def _merge(items: Sequence[_Pending]) -> Batch:
+        latest: dict[str, Job] = {}
+        deletes: dict[str, None] = {}
+        for item in items:
+            for job in item.upserts:
+                latest[job.id] = job
+                deletes.pop(job.id, None)
+            for job_id in item.deletes:
+                latest.pop(job_id, None)
+                deletes[job_id] = None
+        return Batch(tuple(latest.values()), tuple(deletes))
+
+    def close(self) -> None:
+        """Accept no more writes; :meth:`run` returns once the backlog is committed."""
+        self._closed = True
+        self._wakeup.set()
+
+    def statistics(self) -> CommitterStats:
+        return CommitterStats(
+            pending=len(self._pending),
+            batches=self._batches,
+            rows=self._rows,
+            failures=self._failures,
+            largest_batch=self._largest,
+        )

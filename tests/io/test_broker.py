@@ -1,0 +1,160 @@
+"""The broker over the memory record store, under trio's autojump clock:
+backoff of hours and lease expiry run in milliseconds, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.lowlevel
+
+from stackduck_core import EnqueueRequest, Job, Rejected, RejectReason, Status
+from stackduck_trio._broker import Unavailable
+
+from .conftest import BrokerHarness
+
+
+async def enqueue(h: BrokerHarness, **fields: object) -> Job:
+    (job,) = await h.broker.enqueue([EnqueueRequest(job_type="t", **fields)])  # type: ignore[arg-type]
+    assert isinstance(job, Job), job
+    return job
+
+
+async def test_enqueue_commits_before_answering_and_before_delivery(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    job = await enqueue(h, priority=1)
+    assert h.backend.rows[job.id].status is Status.QUEUED
+    sid, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=1, lease_seconds=None)
+    delivered = jobs.receive_nowait()
+    assert delivered.id == job.id and delivered.status is Status.RUNNING
+    h.broker.close_stream(sid)
+
+
+@pytest.fixture
+def h(harness: BrokerHarness) -> BrokerHarness:
+    return harness
+
+
+async def test_priority_then_fifo_over_a_stream(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    ids = {}
+    for n, priority in enumerate([3, 2, 1, 2, 1, 3]):
+        ids[n] = (await enqueue(h, priority=priority, payload=f'{{"n": {n}}}')).id
+    _, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=10, lease_seconds=None)
+    order = [jobs.receive_nowait().id for _ in range(6)]
+    assert order == [ids[2], ids[4], ids[1], ids[3], ids[0], ids[5]]
+
+
+async def test_exact_backoff_then_dead_letter(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    job = await enqueue(h, delay=30, max_retries=2)
+    _, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=1, lease_seconds=600)
+    running = await jobs.receive()
+    for attempt, wait in enumerate([30, 60], 1):
+        failed_at = h.clock.now()
+        result = await h.broker.fail(job.id, running.lease_id, f"boom {attempt}")
+        assert isinstance(result, Job) and result.status is Status.SCHEDULED
+        assert result.retry_count == attempt
+        assert result.scheduled_at == pytest.approx(failed_at + wait)
+        with trio.move_on_after(wait - 0.01):
+            early = await jobs.receive()
+            pytest.fail(f"delivered before its backoff ran out: {early}")
+        running = await jobs.receive()
+        assert h.clock.now() == pytest.approx(failed_at + wait, abs=0.02)
+        assert running.attempt == attempt + 1
+    result = await h.broker.fail(job.id, running.lease_id, "boom 3")
+    assert isinstance(result, Job) and result.status is Status.FAILED
+    assert h.backend.rows[job.id].status is Status.FAILED
+    assert h.backend.rows[job.id].error_message == "boom 3"
+    assert h.broker.counters["t"].failed == 1 and h.broker.counters["t"].retried == 2
+
+
+async def test_lease_expiry_requeues_to_another_worker(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    job = await enqueue(h)
+    _, first = h.broker.open_stream(worker_id="a", job_types=["t"], prefetch=1, lease_seconds=10)
+    got = await first.receive()
+    assert got.id == job.id
+    _, second = h.broker.open_stream(worker_id="b", job_types=["t"], prefetch=1, lease_seconds=10)
+    start = trio.current_time()
+    again = await second.receive()
+    assert again.id == job.id and again.worker_id == "b"
+    assert trio.current_time() - start == pytest.approx(10, abs=0.05)
+    stale = await h.broker.complete(job.id, got.lease_id)
+    assert isinstance(stale, Rejected) and stale.reason is RejectReason.STALE_LEASE
+    done = await h.broker.complete(job.id, again.lease_id)
+    assert isinstance(done, Job) and done.status is Status.COMPLETED
+
+
+async def test_closing_a_stream_requeues_at_once(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    job = await enqueue(h)
+    sid, first = h.broker.open_stream(
+        worker_id="a", job_types=["t"], prefetch=1, lease_seconds=None
+    )
+    assert first.receive_nowait().id == job.id
+    _, second = h.broker.open_stream(worker_id="b", job_types=["t"], prefetch=1, lease_seconds=None)
+    h.broker.close_stream(sid)
+    again = second.receive_nowait()
+    assert again.id == job.id and again.lost_leases == 1
+
+
+async def test_completed_job_explains_later_acks(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    job = await enqueue(h)
+    claimed = await h.broker.claim("t", worker_id="w", lease_seconds=None)
+    assert claimed is not None
+    assert isinstance(await h.broker.complete(job.id, claimed.lease_id), Job)
+    again = await h.broker.complete(job.id, claimed.lease_id)
+    assert isinstance(again, Rejected) and again.reason is RejectReason.WRONG_STATE
+    assert "completed" in again.message
+    missing = await h.broker.complete("nope", None)
+    assert isinstance(missing, Rejected) and missing.reason is RejectReason.NOT_FOUND
+    fetched = await h.broker.get(job.id)
+    assert fetched is not None and fetched.status is Status.COMPLETED
+
+
+async def test_failed_writes_are_retried_never_dropped(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    h.backend.fail_next = 2
+    job = await enqueue(h)
+    assert h.backend.rows[job.id].status is Status.QUEUED
+    assert h.broker.committer.statistics().failures == 2
+
+
+async def test_slow_store_answers_unavailable_but_keeps_the_write(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    h.backend.fail_next = 1_000_000
+    with pytest.raises(Unavailable, match="did not confirm"):
+        await enqueue(h)
+    assert h.broker.core.statistics().queued == 0  # not queued before it is on disk
+    h.backend.fail_next = 0
+    await trio.sleep(60)  # autojump: the writer's capped backoff retries meanwhile
+    assert h.backend.rows
+    assert h.broker.core.statistics().queued == 1  # admitted once committed
+
+
+async def test_drain_waits_for_running_jobs_then_requeues(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    a = await enqueue(h)
+    b = await enqueue(h)
+    sid, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=2, lease_seconds=None)
+    first, second = jobs.receive_nowait(), jobs.receive_nowait()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.broker.drain, 5.0)
+        await trio.sleep(1)
+        assert isinstance(await h.broker.complete(first.id, first.lease_id), Job)
+        with pytest.raises(Unavailable):
+            await enqueue(h)
+    # the grace period ran out for the second job: it was requeued
+    assert h.broker.core.get(second.id).status is Status.QUEUED  # type: ignore[union-attr]
+    assert {a.id, b.id} == {first.id, second.id}
+    del sid
