@@ -17,6 +17,37 @@ import attrs
 
 from ._errors import StackduckError
 
+__all__ = [
+    "BackendHealth",
+    "BackendRole",
+    "DEFAULT_HEALTH_POLICY",
+    "Durability",
+    "EnqueueMode",
+    "HEALTH_EVENT_TYPES",
+    "HEALTH_TRANSITIONS",
+    "Health",
+    "HealthChanged",
+    "HealthEffect",
+    "HealthEvent",
+    "HealthPolicy",
+    "HealthStatistics",
+    "HealthTransition",
+    "InvalidHealthTransition",
+    "OpFailed",
+    "OpSucceeded",
+    "OpTimedOut",
+    "ProbeFailed",
+    "ProbeSucceeded",
+    "QueueTier",
+    "ReconcileFinished",
+    "ReconcileStep",
+    "Route",
+    "StartReconcile",
+    "probe_delay",
+    "reconcile_plan",
+    "route",
+]
+
 ################################################################
 # Theory of operation
 ################################################################
@@ -485,7 +516,7 @@ _Action: TypeAlias = "Callable[[BackendHealth, HealthEvent], Health]"
 @final
 @attrs.frozen
 class HealthTransition:
-    """One row of :data:`TRANSITIONS`.
+    """One row of :data:`HEALTH_TRANSITIONS`.
 
     Attributes:
         targets: every state the row can lead to (the action picks one,
@@ -575,65 +606,69 @@ _H, _S, _D, _R = Health.HEALTHY, Health.SUSPECT, Health.DOWN, Health.RECOVERING
 
 #: Every allowed (state, event type) pair. A pair that is missing is refused
 #: with InvalidHealthTransition and changes nothing.
-TRANSITIONS: Final[Mapping[tuple[Health, type[HealthEvent]], HealthTransition]] = MappingProxyType(
-    {
-        # HEALTHY
-        (_H, OpSucceeded): _row(_stay, "business as usual", _H),
-        (_H, OpFailed): _row(
-            _count_failure, "first failure: suspect (down if failures_to_down is 1)", _S, _D
-        ),
-        (_H, OpTimedOut): _row(_count_failure, "a timeout counts as a failure", _S, _D),
-        (_H, ProbeSucceeded): _row(_stay, "late answer to a probe sent while suspect", _H),
-        (_H, ProbeFailed): _row(
-            _count_failure, "a failed probe, even a late one, counts as a failure", _S, _D
-        ),
-        # SUSPECT
-        (_S, OpSucceeded): _row(
-            _clear_suspicion, "healthy again, unless the op started before the trouble", _H, _S
-        ),
-        (_S, OpFailed): _row(
-            _count_failure, "one more consecutive failure; down at failures_to_down", _S, _D
-        ),
-        (_S, OpTimedOut): _row(
-            _count_failure, "one more consecutive failure; down at failures_to_down", _S, _D
-        ),
-        (_S, ProbeSucceeded): _row(_become_healthy, "the probe answered: healthy again", _H),
-        (_S, ProbeFailed): _row(
-            _count_failure, "one more consecutive failure; down at failures_to_down", _S, _D
-        ),
-        # DOWN: only probes count; ops were started before the backend went down.
-        (_D, OpSucceeded): _row(_stay, "late outcome of an op started earlier: ignored", _D),
-        (_D, OpFailed): _row(_stay, "late outcome of an op started earlier: ignored", _D),
-        (_D, OpTimedOut): _row(_stay, "late outcome of an op started earlier: ignored", _D),
-        (_D, ProbeSucceeded): _row(
-            _start_recovery, "it answers: recover and start the reconcile", _R
-        ),
-        (_D, ProbeFailed): _row(_back_off, "still down: the probe backoff grows", _D),
-        (_D, ReconcileFinished): _row(_stay, "a reconcile overtaken by the relapse: ignored", _D),
-        # RECOVERING
-        (_R, OpSucceeded): _row(
-            _stay, "ops prove nothing here; probes and the reconcile decide", _R
-        ),
-        (_R, OpFailed): _row(
-            _relapse_unless_stale,
-            "relapse (backoff grows), unless the op predates recovery",
-            _D,
-            _R,
-        ),
-        (_R, OpTimedOut): _row(
-            _relapse_unless_stale,
-            "relapse (backoff grows), unless the op predates recovery",
-            _D,
-            _R,
-        ),
-        (_R, ProbeSucceeded): _row(
-            _count_recovery_probe, "healthy once reconciled with enough probes", _H, _R
-        ),
-        (_R, ProbeFailed): _row(_back_off, "relapse: down again, the backoff grows", _D),
-        (_R, ReconcileFinished): _row(
-            _finish_reconcile, "healthy if enough probes; a stale id is ignored", _H, _R
-        ),
-    }
+HEALTH_TRANSITIONS: Final[Mapping[tuple[Health, type[HealthEvent]], HealthTransition]] = (
+    MappingProxyType(
+        {
+            # HEALTHY
+            (_H, OpSucceeded): _row(_stay, "business as usual", _H),
+            (_H, OpFailed): _row(
+                _count_failure, "first failure: suspect (down if failures_to_down is 1)", _S, _D
+            ),
+            (_H, OpTimedOut): _row(_count_failure, "a timeout counts as a failure", _S, _D),
+            (_H, ProbeSucceeded): _row(_stay, "late answer to a probe sent while suspect", _H),
+            (_H, ProbeFailed): _row(
+                _count_failure, "a failed probe, even a late one, counts as a failure", _S, _D
+            ),
+            # SUSPECT
+            (_S, OpSucceeded): _row(
+                _clear_suspicion, "healthy again, unless the op started before the trouble", _H, _S
+            ),
+            (_S, OpFailed): _row(
+                _count_failure, "one more consecutive failure; down at failures_to_down", _S, _D
+            ),
+            (_S, OpTimedOut): _row(
+                _count_failure, "one more consecutive failure; down at failures_to_down", _S, _D
+            ),
+            (_S, ProbeSucceeded): _row(_become_healthy, "the probe answered: healthy again", _H),
+            (_S, ProbeFailed): _row(
+                _count_failure, "one more consecutive failure; down at failures_to_down", _S, _D
+            ),
+            # DOWN: only probes count; ops were started before the backend went down.
+            (_D, OpSucceeded): _row(_stay, "late outcome of an op started earlier: ignored", _D),
+            (_D, OpFailed): _row(_stay, "late outcome of an op started earlier: ignored", _D),
+            (_D, OpTimedOut): _row(_stay, "late outcome of an op started earlier: ignored", _D),
+            (_D, ProbeSucceeded): _row(
+                _start_recovery, "it answers: recover and start the reconcile", _R
+            ),
+            (_D, ProbeFailed): _row(_back_off, "still down: the probe backoff grows", _D),
+            (_D, ReconcileFinished): _row(
+                _stay, "a reconcile overtaken by the relapse: ignored", _D
+            ),
+            # RECOVERING
+            (_R, OpSucceeded): _row(
+                _stay, "ops prove nothing here; probes and the reconcile decide", _R
+            ),
+            (_R, OpFailed): _row(
+                _relapse_unless_stale,
+                "relapse (backoff grows), unless the op predates recovery",
+                _D,
+                _R,
+            ),
+            (_R, OpTimedOut): _row(
+                _relapse_unless_stale,
+                "relapse (backoff grows), unless the op predates recovery",
+                _D,
+                _R,
+            ),
+            (_R, ProbeSucceeded): _row(
+                _count_recovery_probe, "healthy once reconciled with enough probes", _H, _R
+            ),
+            (_R, ProbeFailed): _row(_back_off, "relapse: down again, the backoff grows", _D),
+            (_R, ReconcileFinished): _row(
+                _finish_reconcile, "healthy if enough probes; a stale id is ignored", _H, _R
+            ),
+        }
+    )
 )
 
 
@@ -742,13 +777,13 @@ class BackendHealth:
 
         Raises:
             InvalidHealthTransition: the pair (state, type of event) is not in
-                :data:`TRANSITIONS`, or a ReconcileFinished names a reconcile
+                :data:`HEALTH_TRANSITIONS`, or a ReconcileFinished names a reconcile
                 that was never started. Nothing changes.
         """
-        transition = TRANSITIONS.get((self._state, type(event)))
+        transition = HEALTH_TRANSITIONS.get((self._state, type(event)))
         if transition is None:
             raise InvalidHealthTransition(
-                self._name, self._state, type(event).__name__, "no such row in TRANSITIONS"
+                self._name, self._state, type(event).__name__, "no such row in HEALTH_TRANSITIONS"
             )
         if isinstance(event, ReconcileFinished) and not (
             1 <= event.reconcile_id <= self._reconciles_started

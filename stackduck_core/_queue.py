@@ -188,7 +188,12 @@ class QueueCore:
         assert new is not None  # purge is handled by purge()
         if new.status is Status.QUEUED and needs_new_seq(old, new):
             new = attrs.evolve(new, seq=self.seq_clock.next(new.scheduled_at))
-        if old is not None and old.status is Status.RUNNING and old.lease_id is not None:
+        if (
+            old is not None
+            and old.status is Status.RUNNING
+            and new.status is not Status.RUNNING  # a lease extension does not end the delivery
+            and old.lease_id is not None
+        ):
             self.dispatcher.settled(old.id, old.lease_id)
         self._store(old, new)
         return new
@@ -389,9 +394,15 @@ class QueueCore:
 
         Returns:
             The page and the cursor of the next page (0 when there is no more).
+
+        Raises:
+            ValueError: ``limit < 1``.
         """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
         page: list[Job] = []
-        start = bisect.bisect_right(self._dead_order, (after, "\uffff"))
+        # dead_seq values are unique: compare them alone, whatever the job ids
+        start = bisect.bisect_right(self._dead_order, after, key=lambda entry: entry[0])
         for dead_seq, job_id in itertools.islice(self._dead_order, start, None):
             if self._dead.get(job_id) != dead_seq:
                 continue  # requeued or purged since

@@ -50,6 +50,13 @@ from typing import Final, final
 
 import attrs
 
+__all__ = [
+    "GcraDecision",
+    "RateLimit",
+    "RateLimiter",
+    "gcra",
+]
+
 # Relative slack of the conformance test: 4 to 8 ulps of the largest time involved.
 _ROUNDING: Final = 2.0**-50
 

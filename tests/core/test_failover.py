@@ -19,7 +19,7 @@ from stackduck_core._errors import StackduckError
 from stackduck_core._failover import (
     DEFAULT_HEALTH_POLICY,
     HEALTH_EVENT_TYPES,
-    TRANSITIONS,
+    HEALTH_TRANSITIONS,
     BackendHealth,
     BackendRole,
     Durability,
@@ -128,7 +128,7 @@ def test_every_state_event_pair(state: Health, event_type: type[HealthEvent]) ->
     event = canonical_event(event_type)
     expected = GOLDEN_NEXT[state, event_type]
     if expected is None:
-        assert (state, event_type) not in TRANSITIONS
+        assert (state, event_type) not in HEALTH_TRANSITIONS
         with pytest.raises(InvalidHealthTransition) as info:
             machine.handle(event)
         assert info.value.backend_name == "redis"
@@ -138,7 +138,7 @@ def test_every_state_event_pair(state: Health, event_type: type[HealthEvent]) ->
         return
     effects = machine.handle(event)
     assert machine.state is expected
-    assert expected in TRANSITIONS[state, event_type].targets
+    assert expected in HEALTH_TRANSITIONS[state, event_type].targets
     changes = [e for e in effects if isinstance(e, HealthChanged)]
     if expected is state:
         assert effects == []
@@ -148,12 +148,12 @@ def test_every_state_event_pair(state: Health, event_type: type[HealthEvent]) ->
 
 def test_table_has_exactly_the_golden_pairs() -> None:
     allowed = {pair for pair, new in GOLDEN_NEXT.items() if new is not None}
-    assert set(TRANSITIONS) == allowed
+    assert set(HEALTH_TRANSITIONS) == allowed
     assert len(GOLDEN_NEXT) == len(Health) * len(HEALTH_EVENT_TYPES)
 
 
 def test_table_rows_are_documented() -> None:
-    for row in TRANSITIONS.values():
+    for row in HEALTH_TRANSITIONS.values():
         assert row.note
         assert row.targets
         assert "function" not in repr(row)  # readable when logged or rendered
@@ -161,7 +161,7 @@ def test_table_rows_are_documented() -> None:
 
 def _graph() -> dict[Health, set[Health]]:
     graph: dict[Health, set[Health]] = {state: set() for state in Health}
-    for (state, _event_type), row in TRANSITIONS.items():
+    for (state, _event_type), row in HEALTH_TRANSITIONS.items():
         graph[state] |= row.targets
     return graph
 
@@ -187,7 +187,7 @@ def test_healthy_is_reachable_from_every_state() -> None:
 
 
 def test_the_only_refused_pairs_are_reconciles_outside_recovery() -> None:
-    missing = set(itertools.product(Health, HEALTH_EVENT_TYPES)) - set(TRANSITIONS)
+    missing = set(itertools.product(Health, HEALTH_EVENT_TYPES)) - set(HEALTH_TRANSITIONS)
     assert missing == {(H, ReconcileFinished), (S, ReconcileFinished)}
 
 
@@ -377,11 +377,11 @@ def test_machine_properties_and_statistics() -> None:
 
 
 def test_invalid_transition_error() -> None:
-    error = InvalidHealthTransition("redis", H, "ReconcileFinished", "no such row in TRANSITIONS")
+    error = InvalidHealthTransition("redis", H, "ReconcileFinished", "no such row in HEALTH_TRANSITIONS")
     assert isinstance(error, StackduckError)
     assert str(error) == (
         "ReconcileFinished is not allowed for backend 'redis' in state 'healthy': "
-        "no such row in TRANSITIONS"
+        "no such row in HEALTH_TRANSITIONS"
     )
 
 
@@ -674,7 +674,7 @@ def test_random_event_sequences(
             effects = machine.handle(event)
         except InvalidHealthTransition:
             assert machine.statistics() == old
-            refused_pair = (old.state, event_type) not in TRANSITIONS
+            refused_pair = (old.state, event_type) not in HEALTH_TRANSITIONS
             bad_id = isinstance(event, ReconcileFinished) and not (
                 1 <= event.reconcile_id <= old.reconciles_started
             )
@@ -682,7 +682,7 @@ def test_random_event_sequences(
         else:
             seen = now
             new = machine.state
-            assert new in TRANSITIONS[old.state, event_type].targets
+            assert new in HEALTH_TRANSITIONS[old.state, event_type].targets
             expected: list[object] = []
             if new is not old.state:
                 changes += 1
