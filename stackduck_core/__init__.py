@@ -68,6 +68,7 @@ from ._job import RejectReason as RejectReason
 from ._job import Status as Status
 from ._job import parse_time as parse_time
 from ._job import validate_enqueue as validate_enqueue
+from ._job import validate_job_type as validate_job_type
 from ._ordering import EPOCH as EPOCH
 from ._ordering import MAX_SEQ as MAX_SEQ
 from ._ordering import SEQ_BITS as SEQ_BITS

@@ -33,6 +33,7 @@ __all__ = [
     "Status",
     "parse_time",
     "validate_enqueue",
+    "validate_job_type",
 ]
 
 DEFAULT_PRIORITY: Final = 2
@@ -223,6 +224,30 @@ def _check_int(field: str, value: int | None, default: int, low: int, high: int)
     return value
 
 
+def validate_job_type(job_type: str, limits: Limits, field: str = "job_type") -> Rejected | None:
+    """Check a job type name (enqueue, consume, pause...); ``None`` when valid.
+
+    Every request that names a job type uses this one rule, so a worker can
+    never wait on, nor an operator pause, a type no job can have.
+    """
+    if not job_type:
+        return Rejected(RejectReason.INVALID_ARGUMENT, f"{field} is required", field)
+    if len(job_type) > limits.max_job_type_length:
+        return Rejected(
+            RejectReason.INVALID_ARGUMENT,
+            f"{field} is longer than {limits.max_job_type_length} characters",
+            field,
+        )
+    if not _JOB_TYPE_RE.fullmatch(job_type):
+        return Rejected(
+            RejectReason.INVALID_ARGUMENT,
+            f"{field} may contain only letters, digits and _ . : - and must start "
+            "with a letter or digit",
+            field,
+        )
+    return None
+
+
 def validate_enqueue(request: EnqueueRequest, *, now: float, limits: Limits) -> JobSpec | Rejected:
     """Validate an enqueue request and apply the defaults.
 
@@ -236,21 +261,9 @@ def validate_enqueue(request: EnqueueRequest, *, now: float, limits: Limits) -> 
         (fields are checked in proto order).
     """
     job_type = request.job_type
-    if not job_type:
-        return Rejected(RejectReason.INVALID_ARGUMENT, "job_type is required", "job_type")
-    if len(job_type) > limits.max_job_type_length:
-        return Rejected(
-            RejectReason.INVALID_ARGUMENT,
-            f"job_type is longer than {limits.max_job_type_length} characters",
-            "job_type",
-        )
-    if not _JOB_TYPE_RE.fullmatch(job_type):
-        return Rejected(
-            RejectReason.INVALID_ARGUMENT,
-            "job_type may contain only letters, digits and _ . : - and must start "
-            "with a letter or digit",
-            "job_type",
-        )
+    bad_type = validate_job_type(job_type, limits)
+    if bad_type is not None:
+        return bad_type
     payload = request.payload or DEFAULT_PAYLOAD
     size = len(payload.encode("utf-8", "surrogatepass"))
     if size > limits.max_payload_bytes:

@@ -137,8 +137,16 @@ class Broker:
             deliveries = self.core.dispatch(now=self.clock.now())
             if deliveries:
                 self.committer.write([d.job for d in deliveries])
+                broken: set[int] = set()
                 for delivery in deliveries:
-                    self._streams[delivery.stream_id].send_nowait(delivery.job)
+                    try:
+                        self._streams[delivery.stream_id].send_nowait(delivery.job)
+                    except trio.BrokenResourceError:
+                        # The handler closed its end and has not detached yet:
+                        # treat the stream as gone; its leases are requeued.
+                        broken.add(delivery.stream_id)
+                for stream_id in broken:
+                    self.close_stream(stream_id)
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_target:
             self._timer_wakeup.set()
@@ -291,7 +299,7 @@ class Broker:
             await self._committed(done)
         return out
 
-    def extend(
+    async def extend(
         self, job_id: str, lease_id: str | None, lease_seconds: float | None
     ) -> Job | Rejected:
         """Extend a lease. Not persisted: after a restart every lease is void anyway."""
@@ -300,7 +308,8 @@ class Broker:
         )
         if isinstance(result, Job):
             self.changed()
-        return result
+            return result
+        return await self._explain(job_id, result)
 
     # -- dead letters and pauses -------------------------------------------------------
 

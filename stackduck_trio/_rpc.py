@@ -318,10 +318,25 @@ class RpcServer:
         self._authenticate = authenticate
         self._connections = 0
         self._active_calls = 0
+        self._active_unary = 0  # calls that are not server streams
+        self._live: set[_Connection] = set()
 
     def statistics(self) -> RpcStatistics:
         """Return how many connections and running calls the server holds right now."""
         return RpcStatistics(connections=self._connections, active_calls=self._active_calls)
+
+    async def wait_quiet(self) -> None:
+        """Wait until no unary call runs and every answer has been handed to its socket.
+
+        For graceful shutdown: the caller stops new work elsewhere (the broker
+        refuses it), waits here under a timeout, then cancels :meth:`serve`,
+        so the last answers (acks waiting for their commit) are not cut off.
+        Server streams are not waited for: they never end by themselves.
+        """
+        # A shutdown-only wait on counters that several tasks change: polling
+        # keeps the hot path free of bookkeeping for a rare event.
+        while self._active_unary or not all(c.flushed for c in self._live):  # noqa: ASYNC110
+            await trio.sleep(0.005)
 
     async def serve(
         self,
@@ -371,7 +386,12 @@ class RpcServer:
                 if handshake_scope.cancelled_caught:
                     log.debug("TLS handshake with %s timed out", peer)
                     return
-            await _Connection(self, stream, peer).run()
+            connection = _Connection(self, stream, peer)
+            self._live.add(connection)
+            try:
+                await connection.run()
+            finally:
+                self._live.discard(connection)
         except Exception:
             log.exception("connection from %s failed", peer)
         finally:
@@ -772,6 +792,9 @@ class _Connection:
     async def _run_call(self, call: _Call) -> None:
         server = self._server
         server._active_calls += 1
+        method = server._methods.get(call.path)
+        unary = method is None or method.kind is not MethodKind.SERVER_STREAMING
+        server._active_unary += unary
         try:
             # Absorbs the cancellation caused by the client's RST_STREAM; a connection-wide
             # cancellation passes through to the calls nursery.
@@ -784,6 +807,7 @@ class _Connection:
                     self._send_status(call.stream_id, status, headers_sent=call.headers_sent)
         finally:
             server._active_calls -= 1
+            server._active_unary -= unary
             if self._calls.get(call.stream_id) is call:
                 del self._calls[call.stream_id]
 
@@ -895,6 +919,11 @@ class _Connection:
         self._wake_writer()
 
     # -- writing --------------------------------------------------------------------------
+
+    @property
+    def flushed(self) -> bool:
+        """Nothing queued for the writer and nothing being sent."""
+        return not self._wakeup.is_set() and not self._sending
 
     def _wake_writer(self) -> None:
         self._wakeup.set()

@@ -31,7 +31,7 @@ from ._broker import Broker, new_id
 from ._clock import Clock, WallClock
 from ._config import ConfigError, ServerConfig
 from ._proto import health_pb2, stackduck_pb2
-from ._rpc import CallContext, RpcError, method_table, serve_rpc, server_ssl_context
+from ._rpc import CallContext, RpcError, RpcServer, method_table, server_ssl_context
 from ._service import HealthService, StackDuckService
 from ._store import Backend, GroupCommitter, MemoryBackend, SqliteBackend
 
@@ -71,9 +71,7 @@ def _authenticator(tokens: tuple[str, ...]):  # type: ignore[no-untyped-def]
                 if scheme.lower() == "bearer" and token in allowed:
                     return
                 raise RpcError(StatusCode.UNAUTHENTICATED, "invalid bearer token")
-        raise RpcError(
-            StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata"
-        )
+        raise RpcError(StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer TOKEN' metadata")
 
     return authenticate
 
@@ -134,15 +132,17 @@ async def serve(
                         health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService(broker)
                     ),
                 }
+                rpc_server = RpcServer(
+                    methods,
+                    max_message_size=config.max_message_bytes,
+                    authenticate=_authenticator(config.tokens) if config.tokens else None,
+                )
                 port = await services.start(
                     functools.partial(
-                        serve_rpc,
-                        methods,
+                        rpc_server.serve,
                         host=config.host,
                         port=config.port,
                         ssl_context=ssl_context,
-                        max_message_size=config.max_message_bytes,
-                        authenticate=_authenticator(config.tokens) if config.tokens else None,
                     )
                 )
                 log.info(
@@ -156,6 +156,10 @@ async def serve(
                 await shutdown.wait()
                 log.info("shutting down: draining for up to %g s", config.grace_period)
                 await broker.drain(config.grace_period)
+                # Calls already in progress (the last acks, whose answers wait
+                # for their commit) finish before the listener goes away.
+                with trio.move_on_after(max(config.write_timeout, 1.0)):
+                    await rpc_server.wait_quiet()
                 services.cancel_scope.cancel()
             committer.close()
             # the writer task returns once every pending write has committed

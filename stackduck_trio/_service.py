@@ -16,7 +16,7 @@ from typing import Final
 import trio
 from purerpc.grpclib.status import StatusCode
 
-from stackduck_core import EnqueueRequest, Job, Rejected
+from stackduck_core import EnqueueRequest, Job, Limits, Rejected, validate_job_type
 
 from ._broker import Broker, Unavailable, rejected_to_status
 from ._proto import health_pb2
@@ -136,8 +136,7 @@ class StackDuckService:
                 StatusCode.INVALID_ARGUMENT, "job_types: at least one job type is required"
             )
         for job_type in job_types:
-            if not job_type:
-                raise RpcError(StatusCode.INVALID_ARGUMENT, "job_types: empty job type")
+            _check_type(job_type, self.broker.core.limits, "job_types")
         prefetch = _optional_range(request, "prefetch", 1, MAX_PREFETCH, 1)
         lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
         assert prefetch is not None
@@ -152,21 +151,23 @@ class StackDuckService:
             raise RpcError(StatusCode.UNAVAILABLE, str(exc)) from exc
         heartbeat = pb.JobMessage(notification_type="Heartbeat")
         try:
-            async with jobs:
-                while True:
-                    job: Job | None = None
-                    with trio.move_on_after(self.heartbeat_interval):
-                        job = await jobs.receive()
-                    if job is None:
-                        yield heartbeat
-                        continue
-                    kind = "RetryJob" if job.retry_count or job.attempt > 1 else "NewJob"
-                    yield pb.JobMessage(job=job_to_pb(job), notification_type=kind)
+            while True:
+                job: Job | None = None
+                with trio.move_on_after(self.heartbeat_interval):
+                    job = await jobs.receive()
+                if job is None:
+                    yield heartbeat
+                    continue
+                kind = "RetryJob" if job.retry_count or job.attempt > 1 else "NewJob"
+                yield pb.JobMessage(job=job_to_pb(job), notification_type=kind)
         except trio.EndOfChannel:
             # The broker closed the stream (server shutdown): end it cleanly.
             raise RpcError(StatusCode.UNAVAILABLE, "the server is shutting down") from None
         finally:
+            # Detach first, synchronously: no checkpoint may come between the
+            # end of this stream and the requeue of its jobs.
             self.broker.close_stream(stream_id)
+            jobs.close()
 
     async def CompleteJob(
         self, request: pb.CompleteJobRequest, ctx: CallContext
@@ -202,8 +203,7 @@ class StackDuckService:
     async def DequeueJob(
         self, request: pb.DequeueJobRequest, ctx: CallContext
     ) -> pb.DequeueJobResponse:
-        if not request.queue_name:
-            raise RpcError(StatusCode.INVALID_ARGUMENT, "queue_name: the job type is required")
+        _check_type(request.queue_name, self.broker.core.limits, "queue_name")
         lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
         job = await self._call(
             self.broker.claim(
@@ -266,7 +266,7 @@ class StackDuckService:
         _require_id(request.job_id)
         lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
         job = _raise_for(
-            self.broker.extend(
+            await self.broker.extend(
                 request.job_id,
                 _lease_or_none(request.lease_id),
                 None if lease is None else float(lease),
@@ -281,6 +281,8 @@ class StackDuckService:
         limit = request.limit or 100
         if not 1 <= limit <= MAX_LIST:
             raise RpcError(StatusCode.INVALID_ARGUMENT, f"limit must be between 1 and {MAX_LIST}")
+        if request.job_type:
+            _check_type(request.job_type, self.broker.core.limits)
         after = 0
         if request.page_token:
             try:
@@ -304,6 +306,8 @@ class StackDuckService:
             )
         if len(job_ids) > MAX_BATCH:
             raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"job_ids: at most {MAX_BATCH} per call")
+        if job_type and job_type != "*":
+            _check_type(job_type, self.broker.core.limits)
         return self.broker.dead_ids(list(job_ids), job_type)
 
     async def RequeueDeadJobs(
@@ -329,7 +333,9 @@ class StackDuckService:
     async def GetStats(self, request: pb.GetStatsRequest, ctx: CallContext) -> pb.GetStatsResponse:
         stats = self.broker.statistics()
         streams = self.broker.core.dispatcher.statistics()
-        names = sorted(stats.types.keys() | self.broker.counters.keys())
+        names = sorted(
+            stats.types.keys() | self.broker.counters.keys() | streams.streams_by_type.keys()
+        )
         types = []
         for name in names:
             t = stats.types.get(name)
@@ -369,14 +375,14 @@ class StackDuckService:
     async def PauseJobType(
         self, request: pb.PauseJobTypeRequest, ctx: CallContext
     ) -> pb.PauseJobTypeResponse:
-        _require_type(request.job_type)
+        _check_type(request.job_type, self.broker.core.limits)
         self.broker.pause(request.job_type)
         return pb.PauseJobTypeResponse(paused=True)
 
     async def ResumeJobType(
         self, request: pb.ResumeJobTypeRequest, ctx: CallContext
     ) -> pb.ResumeJobTypeResponse:
-        _require_type(request.job_type)
+        _check_type(request.job_type, self.broker.core.limits)
         self.broker.resume(request.job_type)
         return pb.ResumeJobTypeResponse(paused=False)
 
@@ -395,9 +401,10 @@ def _require_id(job_id: str) -> None:
         raise RpcError(StatusCode.INVALID_ARGUMENT, "job_id is required")
 
 
-def _require_type(job_type: str) -> None:
-    if not job_type:
-        raise RpcError(StatusCode.INVALID_ARGUMENT, "job_type is required")
+def _check_type(job_type: str, limits: Limits, field: str = "job_type") -> None:
+    rejected = validate_job_type(job_type, limits, field)
+    if rejected is not None:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, rejected.message)
 
 
 class HealthService:

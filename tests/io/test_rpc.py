@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import struct
 import subprocess
@@ -819,7 +818,6 @@ async def test_authenticate_hook(nursery: trio.Nursery, impl: HealthImpl) -> Non
     assert seen == [CHECK_PATH, CHECK_PATH]
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 async def test_tls_round_trip(
     nursery: trio.Nursery, impl: HealthImpl, tmp_path: pathlib.Path
 ) -> None:
