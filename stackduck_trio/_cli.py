@@ -120,12 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
-    try:
-        from ._cli_client import add_client_commands
-    except ImportError:  # pragma: no cover - client commands not installed
-        pass
-    else:
-        add_client_commands(sub)
+    from ._cli_client import add_client_commands
+
+    add_client_commands(sub)
     return parser
 
 
