@@ -98,6 +98,7 @@ from ._states import LeaseExtended as LeaseExtended
 from ._states import LifecyclePolicy as LifecyclePolicy
 from ._states import Promoted as Promoted
 from ._states import Purged as Purged
+from ._states import Released as Released
 from ._states import Requeued as Requeued
 from ._states import WorkerDetached as WorkerDetached
 from ._states import apply as apply

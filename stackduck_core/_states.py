@@ -30,11 +30,12 @@ The picture (ARCHITECTURE §5)::
                          v                                        │     (queued again, or FAILED
                      SCHEDULED (or QUEUED when the backoff is 0)  │      by the poison-pill guard)
                                     Failed (no retries left) ─────┴──> FAILED ──Requeued──> QUEUED
+    Released (unstarted): RUNNING ──> QUEUED (same place, attempt not counted)
     Cancelled: SCHEDULED | QUEUED | RUNNING ──> CANCELLED            FAILED ──Purged──> (gone)
 
 Fencing. Each delivery (``Claimed``) carries a fresh lease id, stored on the
-job. ``Completed``, ``Failed``, ``LeaseExtended``, ``LeaseExpired`` and
-``WorkerDetached`` name the lease they are about; if it is not the job's
+job. ``Completed``, ``Failed``, ``LeaseExtended``, ``LeaseExpired``,
+``WorkerDetached`` and ``Released`` name the lease they are about; if it is not the job's
 current lease the event is rejected as ``STALE_LEASE``. So a worker whose lease
 expired and whose job was delivered again cannot overwrite the newer
 attempt's outcome, and a late expiry timer cannot requeue a renewed lease.
@@ -75,6 +76,7 @@ __all__ = [
     "LifecyclePolicy",
     "Promoted",
     "Purged",
+    "Released",
     "Requeued",
     "WorkerDetached",
     "apply",
@@ -179,6 +181,22 @@ class WorkerDetached:
 
 @final
 @attrs.frozen(kw_only=True)
+class Released:
+    """The lease holder gave the job back unstarted (or it never left the server).
+
+    A worker that stops gracefully returns the jobs it prefetched but did not
+    start, and a stream that ends with jobs still buffered on the server
+    returns those: no handler ran, so this is neither a failure nor a lost
+    lease. The job goes back to its place in the queue and the delivery does
+    not count as an attempt.
+    """
+
+    now: float
+    lease_id: str
+
+
+@final
+@attrs.frozen(kw_only=True)
 class Cancelled:
     """An operator or producer cancelled the job."""
 
@@ -210,6 +228,7 @@ Event: TypeAlias = (
     | LeaseExtended
     | LeaseExpired
     | WorkerDetached
+    | Released
     | Cancelled
     | Requeued
     | Purged
@@ -223,6 +242,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     LeaseExtended,
     LeaseExpired,
     WorkerDetached,
+    Released,
     Cancelled,
     Requeued,
     Purged,
@@ -367,6 +387,16 @@ def _detach(job: Job | None, event: Event, policy: LifecyclePolicy) -> _Result:
     return _lose_lease(job, event.now, event.lease_id, "worker detached", policy)
 
 
+def _release(job: Job | None, event: Event, policy: LifecyclePolicy) -> _Result:
+    assert job is not None and isinstance(event, Released)
+    return _stale(job, event.lease_id) or attrs.evolve(
+        _released(job, event.now),
+        status=Status.QUEUED,
+        attempt=max(job.attempt - 1, 0),
+        scheduled_at=event.now,
+    )
+
+
 def _cancel(job: Job | None, event: Event, policy: LifecyclePolicy) -> _Result:
     assert job is not None and isinstance(event, Cancelled)
     return attrs.evolve(_released(job, event.now), status=Status.CANCELLED, completed_at=event.now)
@@ -405,6 +435,7 @@ TRANSITIONS: Final[
     (S.RUNNING, LeaseExtended): (_extend, frozenset({S.RUNNING})),
     (S.RUNNING, LeaseExpired): (_expire, frozenset({S.QUEUED, S.FAILED})),
     (S.RUNNING, WorkerDetached): (_detach, frozenset({S.QUEUED, S.FAILED})),
+    (S.RUNNING, Released): (_release, frozenset({S.QUEUED})),
     (S.RUNNING, Cancelled): (_cancel, frozenset({S.CANCELLED})),
     (S.FAILED, Requeued): (_requeue, frozenset({S.QUEUED})),
     (S.FAILED, Purged): (_purge, frozenset({None})),
@@ -415,12 +446,16 @@ del S
 def needs_new_seq(old: Job | None, new: Job) -> bool:
     """Whether ``new`` (status QUEUED) takes a fresh FIFO ``seq``.
 
-    A job entering the queue goes to the back of its priority -- except one
-    whose lease was lost: it had reached the front before, so it keeps its
-    place (``seq`` unchanged) instead of being punished for a worker's death.
+    A job entering the queue goes to the back of its priority when it is new,
+    promoted, retried or requeued from the dead letters. A job whose delivery
+    ended without an outcome (lease lost, or released unstarted) had reached
+    the front before, so it keeps its place (``seq`` unchanged) instead of
+    being punished for a worker's death or shutdown.
     """
-    lost = old is not None and new.lost_leases > old.lost_leases
-    return not (lost and new.seq != 0)
+    no_outcome = (
+        old is not None and old.status is Status.RUNNING and new.retry_count == old.retry_count
+    )
+    return not (no_outcome and new.seq != 0)
 
 
 def apply(job: Job | None, event: Event, policy: LifecyclePolicy | None = None) -> _Result:
@@ -458,6 +493,7 @@ _VERB: Final[dict[type[Event], str]] = {
     LeaseExtended: "extend lease",
     LeaseExpired: "lease expiry",
     WorkerDetached: "worker detach",
+    Released: "release",
     Cancelled: "cancel",
     Requeued: "requeue",
     Purged: "purge",

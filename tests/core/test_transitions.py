@@ -36,6 +36,7 @@ from stackduck_core import (
     Purged,
     Rejected,
     RejectReason,
+    Released,
     Requeued,
     Status,
     WorkerDetached,
@@ -116,6 +117,7 @@ def make_event(event_type: type[Event], now: float = LATER, lease: str = LEASE) 
         LeaseExtended: lambda: LeaseExtended(now=now, lease_id=lease, lease_expires_at=now + 120.0),
         LeaseExpired: lambda: LeaseExpired(now=now, lease_id=lease),
         WorkerDetached: lambda: WorkerDetached(now=now, lease_id=lease),
+        Released: lambda: Released(now=now, lease_id=lease),
         Cancelled: lambda: Cancelled(now=now),
         Requeued: lambda: Requeued(now=now),
         Purged: lambda: Purged(now=now),
@@ -221,6 +223,18 @@ def _lost(old: Job | None, event: Event, new: Job | None) -> None:
     assert_released(old, new, LATER)
 
 
+def _given_back(old: Job | None, event: Event, new: Job | None) -> None:
+    assert old is not None and new is not None
+    assert new.status is Status.QUEUED
+    assert new.seq == old.seq  # keeps its place in the queue
+    assert new.lost_leases == old.lost_leases  # no penalty: no handler ran
+    assert new.attempt == old.attempt - 1  # the delivery was not an attempt
+    assert new.retry_count == old.retry_count
+    assert new.scheduled_at == LATER
+    assert_released(old, new, LATER)
+    assert not needs_new_seq(old, new)
+
+
 def _requeued(old: Job | None, event: Event, new: Job | None) -> None:
     assert old is not None and new is not None
     assert new.status is Status.QUEUED
@@ -245,6 +259,7 @@ EXPECT: dict[tuple[Status | None, type[Event]], Check] = {
     (Status.RUNNING, LeaseExtended): _extended,
     (Status.RUNNING, LeaseExpired): _lost,
     (Status.RUNNING, WorkerDetached): _lost,
+    (Status.RUNNING, Released): _given_back,
     (Status.RUNNING, Cancelled): _cancelled,
     (Status.FAILED, Requeued): _requeued,
     (Status.FAILED, Purged): _purged,
@@ -535,11 +550,12 @@ FENCED: list[Callable[[float, str], Event]] = [
     lambda now, lease: LeaseExtended(now=now, lease_id=lease, lease_expires_at=now + 999),
     lambda now, lease: LeaseExpired(now=now, lease_id=lease),
     lambda now, lease: WorkerDetached(now=now, lease_id=lease),
+    lambda now, lease: Released(now=now, lease_id=lease),
 ]
 
 
 @pytest.mark.parametrize(
-    "fenced", FENCED, ids=["completed", "failed", "extended", "expired", "detached"]
+    "fenced", FENCED, ids=["completed", "failed", "extended", "expired", "detached", "released"]
 )
 @pytest.mark.parametrize("stale", ["lease-0", "", "LEASE-1"])
 @pytest.mark.parametrize("now", [NOW, LATER], ids=["before-expiry", "after-expiry"])
