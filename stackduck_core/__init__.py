@@ -25,7 +25,6 @@ from ._backoff import retry_delay as retry_delay
 from ._dispatch import Dispatcher as Dispatcher
 from ._dispatch import DispatcherStats as DispatcherStats
 from ._dispatch import StreamInfo as StreamInfo
-from ._errors import InvalidTransition as InvalidTransition
 from ._errors import StackduckError as StackduckError
 from ._failover import DEFAULT_HEALTH_POLICY as DEFAULT_HEALTH_POLICY
 from ._failover import HEALTH_EVENT_TYPES as HEALTH_EVENT_TYPES
@@ -66,6 +65,7 @@ from ._job import Limits as Limits
 from ._job import Rejected as Rejected
 from ._job import RejectReason as RejectReason
 from ._job import Status as Status
+from ._job import clip_error as clip_error
 from ._job import parse_time as parse_time
 from ._job import validate_enqueue as validate_enqueue
 from ._job import validate_job_type as validate_job_type

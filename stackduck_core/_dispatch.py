@@ -153,6 +153,11 @@ class Dispatcher:
             in_flight=len(s.held),
         )
 
+    def holder(self, lease_id: str) -> StreamInfo | None:
+        """The stream holding ``lease_id``, or ``None`` (unary claim, or settled)."""
+        sid = self._lease_owner.get(lease_id)
+        return None if sid is None else self.stream(sid)
+
     def wanted_types(self) -> frozenset[str]:
         """Job types at least one stream has credit for."""
         return frozenset(self._rings)
@@ -212,18 +217,29 @@ class Dispatcher:
         if stream.credit == 0:
             self._leave_rings(stream)
 
-    def settled(self, job_id: str, lease_id: str) -> int | None:
-        """Record the end of a delivery (ack, nack, lost lease, cancel).
+    def settled(self, job_id: str, lease_id: str, *, shrink: bool = False) -> int | None:
+        """Record the end of a delivery (ack, nack, lost lease, cancel, release).
 
-        Returns the stream that held it (now with one more credit), or
-        ``None`` if no attached stream held that lease.
+        Args:
+            job_id: the job.
+            lease_id: the lease that ended.
+            shrink: the holder gave the job back unstarted, which a worker does
+                when it winds down: its prefetch shrinks by one instead of its
+                credit growing, so a stopping worker is not sent the job again
+                (and again) while it finishes the others.
+
+        Returns:
+            The stream that held it, or ``None`` if no attached stream held
+            that lease.
         """
         sid = self._lease_owner.pop(lease_id, None)
         if sid is None:
             return None
         stream = self._streams[sid]
         del stream.held[job_id]
-        if stream.credit == 1:
+        if shrink:
+            stream.prefetch -= 1
+        elif stream.credit == 1:
             self._join_rings(stream)
         return sid
 

@@ -31,6 +31,7 @@ __all__ = [
     "RejectReason",
     "Rejected",
     "Status",
+    "clip_error",
     "parse_time",
     "validate_enqueue",
     "validate_job_type",
@@ -94,6 +95,8 @@ class Limits:
 
     Attributes:
         max_payload_bytes: size limit of the UTF-8 payload (RESOURCE_EXHAUSTED above).
+        max_error_bytes: how much of a failure's error text is kept (see
+            :func:`clip_error`); a job's record stays small enough for one message.
         max_retries: upper bound of ``max_retries`` (inclusive).
         max_delay: upper bound of ``delay``, the backoff base in seconds (inclusive);
             the backoff itself is capped at one hour, so a larger base means nothing.
@@ -102,6 +105,7 @@ class Limits:
     """
 
     max_payload_bytes: int = 1024 * 1024
+    max_error_bytes: int = 16 * 1024
     max_retries: int = 100
     max_delay: int = 3600
     max_job_type_length: int = 128
@@ -222,6 +226,21 @@ def _check_int(field: str, value: int | None, default: int, low: int, high: int)
             field,
         )
     return value
+
+
+def clip_error(error: str, limits: Limits) -> str:
+    """An error text cut to ``limits.max_error_bytes`` UTF-8 bytes, with a note.
+
+    Error texts are diagnostics a worker reports (often a traceback), not data
+    a producer entrusted to us, so a long one is kept in part rather than
+    refused: the start, then ``[... N more bytes]``.
+    """
+    data = error.encode("utf-8", "surrogatepass")
+    if len(data) <= limits.max_error_bytes:
+        return error
+    note = f" [... {len(data) - limits.max_error_bytes} more bytes]"
+    head = data[: max(limits.max_error_bytes - len(note), 0)]
+    return head.decode("utf-8", "ignore") + note
 
 
 def validate_job_type(job_type: str, limits: Limits, field: str = "job_type") -> Rejected | None:

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Final, final
 
 import attrs
@@ -38,6 +37,7 @@ from ._job import (
     Rejected,
     RejectReason,
     Status,
+    clip_error,
     validate_enqueue,
 )
 from ._ordering import SequenceClock
@@ -53,6 +53,7 @@ from ._states import (
     LifecyclePolicy,
     Promoted,
     Purged,
+    Released,
     Requeued,
     WorkerDetached,
     apply,
@@ -159,6 +160,8 @@ class QueueCore:
                 del self._dead[old.id]
             del self._jobs[old.id]
         if new is None or new.status in (Status.COMPLETED, Status.CANCELLED):
+            assert old is not None  # only an existing job is removed
+            self._compact(old)
             return
         key = (new.job_type, new.status, new.priority)
         self._counts[key] = self._counts.get(key, 0) + 1
@@ -172,6 +175,8 @@ class QueueCore:
         elif status is Status.RUNNING:
             assert new.lease_expires_at is not None and new.lease_id is not None
             heapq.heappush(self._leases, (new.lease_expires_at, new.id, new.lease_id))
+            if old is not None and old.status is Status.RUNNING:
+                self._compact(old)  # an extension left the old expiry behind
         else:  # FAILED: append to the dead-letter order
             self._dead_seq += 1
             self._dead[new.id] = self._dead_seq
@@ -179,6 +184,49 @@ class QueueCore:
             if len(self._dead_order) > 2 * len(self._dead) + 64:
                 # drop entries of requeued/purged jobs so the list stays O(live)
                 self._dead_order = [(s, i) for s, i in self._dead_order if self._dead.get(i) == s]
+
+    def _compact(self, old: Job) -> None:
+        """Rebuild a heap once its stale entries outnumber its live ones.
+
+        Entries go stale when a job leaves a heap other than by being popped
+        (cancelled while queued or scheduled, lease extended). Without this,
+        enqueueing and cancelling jobs of a type nobody consumes would grow
+        memory without bound. Amortised O(1) per stale entry.
+        """
+        if old.status is Status.QUEUED:
+            heap = self._ready.get(old.job_type, [])
+            if len(heap) > 2 * self.ready_count(old.job_type) + 64:
+                live = [e for e in heap if self._live_ready(e)]
+                heapq.heapify(live)
+                self._ready[old.job_type] = live
+        elif old.status is Status.SCHEDULED:
+            if len(self._scheduled) > 2 * self._count_status(Status.SCHEDULED) + 64:
+                self._scheduled = [e for e in self._scheduled if self._live_scheduled(*e)]
+                heapq.heapify(self._scheduled)
+        elif old.status is Status.RUNNING:
+            if len(self._leases) > 2 * self._count_status(Status.RUNNING) + 64:
+                self._leases = [e for e in self._leases if self._live_lease(*e)]
+                heapq.heapify(self._leases)
+
+    def _count_status(self, status: Status) -> int:
+        return sum(n for (_, s, _), n in self._counts.items() if s is status)
+
+    def _live_ready(self, entry: tuple[int, int, str]) -> bool:
+        job = self._jobs.get(entry[2])
+        return job is not None and job.status is Status.QUEUED and job.seq == entry[1]
+
+    def _live_scheduled(self, due: float, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return job is not None and job.status is Status.SCHEDULED and job.scheduled_at == due
+
+    def _live_lease(self, expires: float, job_id: str, lease_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return (
+            job is not None
+            and job.status is Status.RUNNING
+            and job.lease_id == lease_id
+            and job.lease_expires_at == expires
+        )
 
     def _change(self, old: Job | None, event: Event) -> _Result:
         """Apply ``event`` through the lifecycle table and update the indexes."""
@@ -194,7 +242,7 @@ class QueueCore:
             and new.status is not Status.RUNNING  # a lease extension does not end the delivery
             and old.lease_id is not None
         ):
-            self.dispatcher.settled(old.id, old.lease_id)
+            self.dispatcher.settled(old.id, old.lease_id, shrink=isinstance(event, Released))
         self._store(old, new)
         return new
 
@@ -236,7 +284,15 @@ class QueueCore:
             self._store(None, job)
             return job
         # The lease died with the previous process: register the record, then
-        # lose its lease exactly as if its worker had vanished.
+        # lose its lease exactly as if its worker had vanished. (A row without
+        # lease data -- written by hand or by an older version -- gets a
+        # placeholder lease so that it takes the same path.)
+        if job.lease_id is None or job.lease_expires_at is None:
+            job = attrs.evolve(
+                job,
+                lease_id=job.lease_id or "restored",
+                lease_expires_at=job.lease_expires_at or now,
+            )
         self._store(None, job)
         result = self._change(job, WorkerDetached(now=now, lease_id=job.lease_id or ""))
         assert isinstance(result, Job)
@@ -254,7 +310,12 @@ class QueueCore:
     def claim(
         self, job_type: str, *, now: float, worker_id: str, lease_seconds: float | None = None
     ) -> Job | None:
-        """Take the next ready job of ``job_type`` (unary dequeue), or ``None``."""
+        """Take the next ready job of ``job_type`` (unary dequeue), or ``None``.
+
+        Raises:
+            ValueError: ``lease_seconds`` is given and not positive.
+        """
+        _check_lease(lease_seconds)
         if job_type in self._paused:
             return None
         job = self._pop_ready(job_type)
@@ -276,10 +337,9 @@ class QueueCore:
     def _pop_ready(self, job_type: str) -> Job | None:
         heap = self._ready.get(job_type)
         while heap:
-            _, seq, job_id = heapq.heappop(heap)
-            job = self._jobs.get(job_id)
-            if job is not None and job.status is Status.QUEUED and job.seq == seq:
-                return job
+            entry = heapq.heappop(heap)
+            if self._live_ready(entry):
+                return self._jobs[entry[2]]
         return None
 
     def attach(
@@ -291,7 +351,13 @@ class QueueCore:
         prefetch: int = 1,
         lease_seconds: float | None = None,
     ) -> None:
-        """Register a worker stream with the dispatcher."""
+        """Register a worker stream with the dispatcher.
+
+        Raises:
+            ValueError: the id is attached already, ``prefetch < 1``, or
+                ``lease_seconds`` is given and not positive.
+        """
+        _check_lease(lease_seconds)
         self.dispatcher.attach(
             stream_id,
             worker_id=worker_id,
@@ -300,11 +366,25 @@ class QueueCore:
             lease_seconds=lease_seconds or self.default_lease,
         )
 
-    def detach(self, stream_id: int, *, now: float) -> list[Job]:
-        """Unregister a stream; requeue (or poison) every job it still held."""
+    def detach(self, stream_id: int, *, now: float, unsent: Collection[str] = ()) -> list[Job]:
+        """Unregister a stream and requeue every job it still held.
+
+        Args:
+            stream_id: the stream.
+            now: the current time.
+            unsent: ids of held jobs that never left this server (still in the
+                stream's buffer): they are *released* -- back to their place,
+                no attempt used. The others lost their lease: requeued, and
+                counted by the poison-pill guard.
+        """
         changed: list[Job] = []
         for job_id, lease_id in self.dispatcher.detach(stream_id).items():
-            result = self._change(self._jobs[job_id], WorkerDetached(now=now, lease_id=lease_id))
+            event: Event
+            if job_id in unsent:
+                event = Released(now=now, lease_id=lease_id)
+            else:
+                event = WorkerDetached(now=now, lease_id=lease_id)
+            result = self._change(self._jobs[job_id], event)
             assert isinstance(result, Job)
             changed.append(result)
         return changed
@@ -341,25 +421,48 @@ class QueueCore:
         return self._change(job, Completed(now=now, lease_id=self._current_lease(job, lease_id)))
 
     def fail(self, job_id: str, *, lease_id: str | None, error: str, now: float) -> _Result:
-        """The lease holder failed the job: retry with backoff, or dead-letter."""
+        """The lease holder failed the job: retry with backoff, or dead-letter.
+
+        An error text longer than ``limits.max_error_bytes`` is kept with its
+        end cut off and a note of how much was dropped (see ``clip_error``).
+        """
         job = self._lookup(job_id)
         if isinstance(job, Rejected):
             return job
-        event = Failed(now=now, lease_id=self._current_lease(job, lease_id), error=error)
+        event = Failed(
+            now=now,
+            lease_id=self._current_lease(job, lease_id),
+            error=clip_error(error, self.limits),
+        )
         return self._change(job, event)
+
+    def release(self, job_id: str, *, lease_id: str | None, now: float) -> _Result:
+        """The lease holder gives the job back unstarted (graceful worker stop)."""
+        job = self._lookup(job_id)
+        if isinstance(job, Rejected):
+            return job
+        return self._change(job, Released(now=now, lease_id=self._current_lease(job, lease_id)))
 
     def extend(
         self, job_id: str, *, lease_id: str | None, now: float, lease_seconds: float | None = None
     ) -> _Result:
-        """Push the lease's expiry to ``now + lease_seconds`` (never earlier)."""
+        """Push the lease's expiry to ``now + lease_seconds`` (never earlier).
+
+        Without ``lease_seconds`` the lease length of the stream holding the
+        job is used (what the worker asked for), else the default.
+
+        Raises:
+            ValueError: ``lease_seconds`` is given and not positive.
+        """
+        _check_lease(lease_seconds)
         job = self._lookup(job_id)
         if isinstance(job, Rejected):
             return job
-        event = LeaseExtended(
-            now=now,
-            lease_id=self._current_lease(job, lease_id),
-            lease_expires_at=now + (lease_seconds or self.default_lease),
-        )
+        lease = self._current_lease(job, lease_id)
+        if lease_seconds is None:
+            info = self.dispatcher.holder(lease)
+            lease_seconds = self.default_lease if info is None else info.lease_seconds
+        event = LeaseExtended(now=now, lease_id=lease, lease_expires_at=now + lease_seconds)
         return self._change(job, event)
 
     # -- dead letters and pauses ----------------------------------------------
@@ -383,14 +486,22 @@ class QueueCore:
         return job
 
     def dead(
-        self, *, job_type: str | None = None, after: int = 0, limit: int = 100
+        self,
+        *,
+        job_type: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+        max_bytes: int | None = None,
     ) -> tuple[list[Job], int]:
         """Dead-lettered jobs in the order they died.
 
         Args:
             job_type: only this type, or every type when ``None``.
             after: the cursor returned by the previous page (0 = from the start).
-            limit: page size (>= 1).
+            limit: most jobs per page (>= 1).
+            max_bytes: most payload + error bytes per page (a page holds at
+                least one job), so a page of large jobs still fits in one
+                message.
 
         Returns:
             The page and the cursor of the next page (0 when there is no more).
@@ -401,17 +512,22 @@ class QueueCore:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         page: list[Job] = []
+        size = 0
         # dead_seq values are unique: compare them alone, whatever the job ids
         start = bisect.bisect_right(self._dead_order, after, key=lambda entry: entry[0])
-        for dead_seq, job_id in itertools.islice(self._dead_order, start, None):
+        for index in range(start, len(self._dead_order)):
+            dead_seq, job_id = self._dead_order[index]
             if self._dead.get(job_id) != dead_seq:
                 continue  # requeued or purged since
             job = self._jobs[job_id]
             if job_type is not None and job.job_type != job_type:
                 continue
-            if len(page) == limit:
+            cost = len(job.payload) + len(job.error_message)
+            full = max_bytes is not None and page and size + cost > max_bytes
+            if len(page) == limit or full:
                 return page, self._dead[page[-1].id]
             page.append(job)
+            size += cost
         return page, 0
 
     def dead_ids(self, job_type: str | None = None) -> list[str]:
@@ -446,21 +562,14 @@ class QueueCore:
         changed: list[Job] = []
         while self._scheduled and self._scheduled[0][0] <= now:
             due, job_id = heapq.heappop(self._scheduled)
-            job = self._jobs.get(job_id)
-            if job is not None and job.status is Status.SCHEDULED and job.scheduled_at == due:
-                result = self._change(job, Promoted(now=now))
+            if self._live_scheduled(due, job_id):
+                result = self._change(self._jobs[job_id], Promoted(now=now))
                 assert isinstance(result, Job)
                 changed.append(result)
         while self._leases and self._leases[0][0] <= now:
             expires, job_id, lease_id = heapq.heappop(self._leases)
-            job = self._jobs.get(job_id)
-            if (
-                job is not None
-                and job.status is Status.RUNNING
-                and job.lease_id == lease_id
-                and job.lease_expires_at == expires
-            ):
-                result = self._change(job, LeaseExpired(now=now, lease_id=lease_id))
+            if self._live_lease(expires, job_id, lease_id):
+                result = self._change(self._jobs[job_id], LeaseExpired(now=now, lease_id=lease_id))
                 assert isinstance(result, Job)
                 changed.append(result)
         return changed
@@ -472,22 +581,9 @@ class QueueCore:
         return min(times) if times else None
 
     def _drop_stale(self) -> None:
-        while self._scheduled:
-            due, job_id = self._scheduled[0]
-            job = self._jobs.get(job_id)
-            if job is not None and job.status is Status.SCHEDULED and job.scheduled_at == due:
-                break
+        while self._scheduled and not self._live_scheduled(*self._scheduled[0]):
             heapq.heappop(self._scheduled)
-        while self._leases:
-            expires, job_id, lease_id = self._leases[0]
-            job = self._jobs.get(job_id)
-            if (
-                job is not None
-                and job.status is Status.RUNNING
-                and job.lease_id == lease_id
-                and job.lease_expires_at == expires
-            ):
-                break
+        while self._leases and not self._live_lease(*self._leases[0]):
             heapq.heappop(self._leases)
 
     # -- reading -------------------------------------------------------------
@@ -528,3 +624,8 @@ class QueueCore:
             dead=len(self._dead),
             streams=self.dispatcher.statistics().streams,
         )
+
+
+def _check_lease(lease_seconds: float | None) -> None:
+    if lease_seconds is not None and not lease_seconds > 0:
+        raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")

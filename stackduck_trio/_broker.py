@@ -28,6 +28,7 @@ import logging
 import math
 import uuid
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import attrs
 import trio
@@ -62,6 +63,16 @@ class TypeCounters:
     retried: int = 0
 
 
+class AckRequest(NamedTuple):
+    """One item of :meth:`Broker.ack_many`."""
+
+    job_id: str
+    lease_id: str | None
+    failed: bool = False
+    error: str = ""
+    release: bool = False
+
+
 def new_id() -> str:
     """A fresh job or lease id."""
     return str(uuid.uuid4())
@@ -91,6 +102,7 @@ class Broker:
         self.write_timeout = write_timeout
         self.counters: dict[str, TypeCounters] = {}
         self._streams: dict[int, trio.MemorySendChannel[Job]] = {}
+        self._receivers: dict[int, trio.MemoryReceiveChannel[Job]] = {}
         self._stream_ids = itertools.count(1)
         self._timer_wakeup = trio.Event()
         self._timer_target = math.inf
@@ -239,19 +251,37 @@ class Broker:
             lease_seconds=lease_seconds,
         )
         self._streams[stream_id] = send
+        self._receivers[stream_id] = receive
         self.changed()
         return stream_id, receive
 
     def close_stream(self, stream_id: int) -> None:
-        """Detach a stream: its un-acked jobs are requeued at once."""
+        """Detach a stream: its un-acked jobs are requeued at once.
+
+        Jobs still in the stream's buffer never left this server: they are
+        released (back to their place, no attempt used); the others reached
+        the worker and count as lost leases.
+        """
         send = self._streams.pop(stream_id, None)
-        if send is None:
+        receive = self._receivers.pop(stream_id, None)
+        if send is None or receive is None:
             return
+        unsent: set[str] = set()
+        while True:
+            try:
+                unsent.add(receive.receive_nowait().id)
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
         send.close()
-        changed = self.core.detach(stream_id, now=self.clock.now())
+        changed = self.core.detach(stream_id, now=self.clock.now(), unsent=unsent)
         if changed:
             self._persist(changed)
-            log.info("stream %d closed; requeued %d jobs", stream_id, len(changed))
+            log.info(
+                "stream %d closed; %d jobs requeued (%d never sent)",
+                stream_id,
+                len(changed),
+                len(unsent),
+            )
         self.changed()
 
     async def claim(
@@ -277,14 +307,15 @@ class Broker:
             self._counters(result.job_type).retried += 1
         return await self._finish(job_id, result)
 
-    async def ack_many(
-        self, acks: Sequence[tuple[str, str | None, bool, str]]
-    ) -> list[Job | Rejected]:
-        """Complete or fail many jobs with one commit: ``(job_id, lease, failed, error)``."""
+    async def ack_many(self, acks: Sequence[AckRequest]) -> list[Job | Rejected]:
+        """Complete, fail or release many jobs with one commit."""
         now = self.clock.now()
         results: list[Job | Rejected] = []
-        for job_id, lease_id, failed, error in acks:
-            if failed:
+        for job_id, lease_id, failed, error, release in acks:
+            result: Job | Rejected
+            if release:
+                result = self.core.release(job_id, lease_id=lease_id, now=now)
+            elif failed:
                 result = self.core.fail(job_id, lease_id=lease_id, error=error, now=now)
                 if isinstance(result, Job) and result.status is not Status.FAILED:
                     self._counters(result.job_type).retried += 1

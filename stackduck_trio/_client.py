@@ -598,12 +598,16 @@ class Ack:
         lease_id: The lease of the delivery being acknowledged.
         failed: ``False`` completes the job; ``True`` fails it (retry or dead-letter).
         error: The failure message (only with ``failed=True``).
+        release: Give the job back unstarted (a stopping worker does this with
+            jobs that arrive after it stopped): the job keeps its place, the
+            delivery is not an attempt, and the stream's prefetch shrinks by one.
     """
 
     job_id: str
     lease_id: str | None
     failed: bool = False
     error: str = ""
+    release: bool = False
 
 
 def encode_payload(payload: object) -> str:
@@ -1568,6 +1572,7 @@ class Client:
                     lease_id=a.lease_id or "",
                     failed=a.failed,
                     error_message=a.error,
+                    release=a.release,
                 )
                 for a in acks
             ]

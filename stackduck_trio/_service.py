@@ -18,7 +18,7 @@ from purerpc.grpclib.status import StatusCode
 
 from stackduck_core import EnqueueRequest, Job, Limits, Rejected, validate_job_type
 
-from ._broker import Broker, Unavailable, rejected_to_status
+from ._broker import AckRequest, Broker, Unavailable, rejected_to_status
 from ._proto import health_pb2
 from ._proto import stackduck_pb2 as pb
 from ._rpc import CallContext, RpcError
@@ -29,6 +29,9 @@ MAX_PREFETCH: Final = 1000
 MAX_LEASE_SECONDS: Final = 86400
 MAX_BATCH: Final = 10_000
 MAX_LIST: Final = 1000
+#: Payload + error bytes per ListDeadJobs page: under grpcio's default 4 MiB
+#: receive limit, so any client can page through dead letters of any size.
+MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
 #: Per-item codes in batch answers (google.rpc.Code numbers).
 _CODE_NUMBER: Final = {name: StatusCode[name].value for name in StatusCode.__members__}
 
@@ -241,7 +244,8 @@ class StackDuckService:
         if len(request.acks) > MAX_BATCH:
             raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"acks: at most {MAX_BATCH} per batch")
         acks = [
-            (a.job_id, _lease_or_none(a.lease_id), a.failed, a.error_message) for a in request.acks
+            AckRequest(a.job_id, _lease_or_none(a.lease_id), a.failed, a.error_message, a.release)
+            for a in request.acks
         ]
         results = await self._call(self.broker.ack_many(acks))
         return pb.AckJobsResponse(results=[_item(r) for r in results])
@@ -292,7 +296,7 @@ class StackDuckService:
                     StatusCode.INVALID_ARGUMENT, "page_token: not a token from this server"
                 ) from None
         jobs, cursor = self.broker.core.dead(
-            job_type=request.job_type or None, after=after, limit=limit
+            job_type=request.job_type or None, after=after, limit=limit, max_bytes=MAX_PAGE_BYTES
         )
         return pb.ListDeadJobsResponse(
             jobs=[job_to_pb(j) for j in jobs], next_page_token=str(cursor) if cursor else ""

@@ -120,6 +120,8 @@ class WorkerStatistics:
         lease_extensions: Successful ``ExtendLease`` calls.
         leases_lost: Jobs whose lease could not be extended any more.
         cancelled: Handlers cancelled at shutdown (their jobs are requeued).
+        released: Jobs that arrived after :meth:`Worker.stop` and were given back
+            unstarted (they keep their place in the queue; no attempt is used).
     """
 
     processed: int
@@ -135,6 +137,7 @@ class WorkerStatistics:
     lease_extensions: int
     leases_lost: int
     cancelled: int
+    released: int
 
 
 def _is_async(handler: Callable[..., object]) -> bool:
@@ -247,6 +250,7 @@ class _Counters:
     lease_extensions: int = 0
     leases_lost: int = 0
     cancelled: int = 0
+    released: int = 0
 
 
 class Worker:
@@ -356,6 +360,7 @@ class Worker:
             lease_extensions=c.lease_extensions,
             leases_lost=c.leases_lost,
             cancelled=c.cancelled,
+            released=c.released,
         )
 
     def stop(self) -> None:
@@ -365,8 +370,6 @@ class Worker:
         """
         self._stopping = True
         self._stop_requested.set()
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
 
     async def wait_connected(self) -> None:
         """Wait until a job stream is open (for the first time)."""
@@ -424,6 +427,7 @@ class Worker:
         job_types = sorted(self._handlers)
         delay = self.reconnect_min
         async with trio.open_nursery() as jobs:
+            jobs.start_soon(self._end_stream_when_drained, acker)
             while not self._stopping:
                 stream = client.consume(
                     job_types,
@@ -440,6 +444,13 @@ class Worker:
                                     self._receive_scope.cancel()
                                 async for job in stream:
                                     self._counters.received += 1
+                                    if self._stopping:
+                                        # Sent before the server saw us wind down: give
+                                        # it back unstarted (keeps its place, and the
+                                        # server shrinks this stream's prefetch).
+                                        self._counters.released += 1
+                                        acker.put(Ack(job.id, job.lease_id, release=True))
+                                        continue
                                     jobs.start_soon(self._run_job, keeper, acker, job)
                             self._receive_scope = None
                             if self._stopping:
@@ -461,6 +472,7 @@ class Worker:
                     log.error("worker stopping: %s", exc)
                     self._fatal = exc
                     self._stopping = True
+                    self._stop_requested.set()
                 except ClientError as exc:
                     log.warning("job stream lost: %s; reconnecting in %.2f s", exc, delay)
                 finally:
@@ -473,6 +485,18 @@ class Worker:
                     await self._stop_requested.wait()
                 delay = min(delay * 2, self.reconnect_max)
             await self._drain(acker)
+
+    async def _end_stream_when_drained(self, acker: _Acker) -> None:
+        """On :meth:`stop`: keep the stream open until running jobs are done.
+
+        Closing the stream at once would make the server requeue the jobs still
+        running here as lost leases; so the stream stays, jobs arriving
+        meanwhile are released, and it closes once the outcomes are sent.
+        """
+        await self._stop_requested.wait()
+        await self._drain(acker)
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
 
     def _set_connected(self, connected: bool) -> None:
         self._connected = connected

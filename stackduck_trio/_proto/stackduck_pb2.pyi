@@ -201,16 +201,18 @@ class ItemResult(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("job_id", "lease_id", "failed", "error_message")
+    __slots__ = ("job_id", "lease_id", "failed", "error_message", "release")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     lease_id: str
     failed: bool
     error_message: str
-    def __init__(self, job_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., failed: _Optional[bool] = ..., error_message: _Optional[str] = ...) -> None: ...
+    release: bool
+    def __init__(self, job_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., failed: _Optional[bool] = ..., error_message: _Optional[str] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class AckJobsRequest(_message.Message):
     __slots__ = ("acks",)

@@ -116,5 +116,5 @@ def test_checks_can_fail() -> None:
     """The helpers see what they must (guards against vacuous passes)."""
     assert "apply" in definitions("_states")
     assert "Job" not in definitions("_states")  # imported there, not defined
-    assert "InvalidTransition" in public_names("_errors")
+    assert "StackduckError" in public_names("_errors")
     assert ("_job", "Job", "Job") in reexports()

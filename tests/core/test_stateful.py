@@ -406,7 +406,13 @@ class QueueMachine(RuleBasedStateMachine):
             self.h.core.extend(job.id, lease_id=lease, now=self.now, lease_seconds=lease_seconds)
         )
         assert job.expires is not None
-        job.expires = max(job.expires, self.now + (lease_seconds or DEFAULT_LEASE))
+        if lease_seconds is None:
+            # the lease length the holding stream asked for, else the default
+            held_by_stream = job.holder is not None and job.holder != UNARY
+            lease_seconds = (
+                self.streams[job.holder].lease_seconds if held_by_stream else DEFAULT_LEASE  # type: ignore[index]
+            )
+        job.expires = max(job.expires, self.now + lease_seconds)
         assert record.status is Status.RUNNING and record.lease_id == job.lease
         assert record.lease_expires_at == job.expires
         if then_dispatch:

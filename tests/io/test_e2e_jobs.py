@@ -330,12 +330,6 @@ def test_dead_letters_list_requeue_purge(client: Client) -> None:
     assert not client.ListDeadJobs(pb.ListDeadJobsRequest(job_type=job_type)).jobs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: ListDeadJobs pages by count only (default 100); 5 dead jobs with legal "
-    "~0.9 MB payloads make a ~4.5 MB answer, over grpcio's default 4 MiB receive limit, so a "
-    "default client cannot list the dead-letter queue at all (RESOURCE_EXHAUSTED)",
-)
 def test_list_dead_jobs_pages_stay_receivable_with_large_payloads(client: Client) -> None:
     job_type = new_type()
     payload = json.dumps({"blob": "x" * 900_000})  # under the default 1 MiB payload limit
