@@ -58,6 +58,7 @@ from ._states import (
     WorkerDetached,
     apply,
     needs_new_seq,
+    new_job,
 )
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "Delivery", "QueueCore", "QueueStats", "TypeStats"]
@@ -142,6 +143,9 @@ class QueueCore:
         self._paused: set[str] = set()
         # (job_type, status, priority) -> count of live records
         self._counts: dict[tuple[str, Status, int], int] = {}
+        # the same counts summed per status, kept in step: O(1) totals on
+        # hot paths however many job types clients invent
+        self._totals: dict[Status, int] = dict.fromkeys(Status, 0)
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -156,6 +160,7 @@ class QueueCore:
             self._counts[key] -= 1
             if not self._counts[key]:
                 del self._counts[key]
+            self._totals[old.status] -= 1
             if old.status is Status.FAILED:
                 del self._dead[old.id]
             del self._jobs[old.id]
@@ -165,6 +170,7 @@ class QueueCore:
             return
         key = (new.job_type, new.status, new.priority)
         self._counts[key] = self._counts.get(key, 0) + 1
+        self._totals[new.status] += 1
         self._jobs[new.id] = new
         status = new.status
         if status is Status.QUEUED:
@@ -200,16 +206,17 @@ class QueueCore:
                 heapq.heapify(live)
                 self._ready[old.job_type] = live
         elif old.status is Status.SCHEDULED:
-            if len(self._scheduled) > 2 * self._count_status(Status.SCHEDULED) + 64:
+            if len(self._scheduled) > 2 * self.count(Status.SCHEDULED) + 64:
                 self._scheduled = [e for e in self._scheduled if self._live_scheduled(*e)]
                 heapq.heapify(self._scheduled)
         elif old.status is Status.RUNNING:
-            if len(self._leases) > 2 * self._count_status(Status.RUNNING) + 64:
+            if len(self._leases) > 2 * self.count(Status.RUNNING) + 64:
                 self._leases = [e for e in self._leases if self._live_lease(*e)]
                 heapq.heapify(self._leases)
 
-    def _count_status(self, status: Status) -> int:
-        return sum(n for (_, s, _), n in self._counts.items() if s is status)
+    def count(self, status: Status) -> int:
+        """How many jobs in memory have ``status`` (O(1)); 0 for completed/cancelled."""
+        return self._totals[status]
 
     def _live_ready(self, entry: tuple[int, int, str]) -> bool:
         job = self._jobs.get(entry[2])
@@ -266,6 +273,18 @@ class QueueCore:
         if job_id in self._jobs:
             return Rejected(RejectReason.WRONG_STATE, f"job {job_id} exists already", "job_id")
         return self._change(None, Enqueued(now=now, job_id=job_id, spec=spec))
+
+    def new_record(self, spec: JobSpec, *, job_id: str, now: float) -> Job:
+        """The first record of a new job, with its FIFO ``seq`` already stamped.
+
+        For runtimes that write a job before it enters the queue: persist
+        this record, then :meth:`restore` it once the write has committed. The
+        ``seq`` is part of what is written, so a restart keeps the exact order.
+        """
+        job = new_job(job_id, spec, now)
+        if job.status is Status.QUEUED:
+            job = attrs.evolve(job, seq=self.seq_clock.next(job.scheduled_at))
+        return job
 
     def restore(self, job: Job, *, now: float) -> Job:
         """Load a record from the record store at start.
@@ -366,7 +385,14 @@ class QueueCore:
             lease_seconds=lease_seconds or self.default_lease,
         )
 
-    def detach(self, stream_id: int, *, now: float, unsent: Collection[str] = ()) -> list[Job]:
+    def detach(
+        self,
+        stream_id: int,
+        *,
+        now: float,
+        unsent: Collection[str] = (),
+        server_leaving: bool = False,
+    ) -> list[Job]:
         """Unregister a stream and requeue every job it still held.
 
         Args:
@@ -376,6 +402,9 @@ class QueueCore:
                 stream's buffer): they are *released* -- back to their place,
                 no attempt used. The others lost their lease: requeued, and
                 counted by the poison-pill guard.
+            server_leaving: the server itself is going away (graceful
+                shutdown): every held job is requeued without counting the
+                lost lease (no fault of the job); unsent ones are released.
         """
         changed: list[Job] = []
         for job_id, lease_id in self.dispatcher.detach(stream_id).items():
@@ -383,7 +412,7 @@ class QueueCore:
             if job_id in unsent:
                 event = Released(now=now, lease_id=lease_id)
             else:
-                event = WorkerDetached(now=now, lease_id=lease_id)
+                event = WorkerDetached(now=now, lease_id=lease_id, counted=not server_leaving)
             result = self._change(self._jobs[job_id], event)
             assert isinstance(result, Job)
             changed.append(result)

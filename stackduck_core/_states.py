@@ -173,10 +173,16 @@ class LeaseExpired:
 @final
 @attrs.frozen(kw_only=True)
 class WorkerDetached:
-    """The worker holding the lease disconnected, or the server lost it."""
+    """The worker holding the lease disconnected, or the server lost it.
+
+    ``counted`` is ``False`` when the server itself is leaving (graceful
+    shutdown): the job is requeued, but the lost lease is not the job's fault
+    and does not count toward the poison-pill guard.
+    """
 
     now: float
     lease_id: str
+    counted: bool = True
 
 
 @final
@@ -384,6 +390,10 @@ def _expire(job: Job | None, event: Event, policy: LifecyclePolicy) -> _Result:
 
 def _detach(job: Job | None, event: Event, policy: LifecyclePolicy) -> _Result:
     assert job is not None and isinstance(event, WorkerDetached)
+    if not event.counted:
+        return _stale(job, event.lease_id) or attrs.evolve(
+            _released(job, event.now), status=Status.QUEUED, scheduled_at=event.now
+        )
     return _lose_lease(job, event.now, event.lease_id, "worker detached", policy)
 
 

@@ -41,7 +41,6 @@ from stackduck_core import (
     Rejected,
     RejectReason,
     Status,
-    new_job,
     validate_enqueue,
 )
 from stackduck_core._failover import Durability, EnqueueMode, route
@@ -53,7 +52,16 @@ log = logging.getLogger("stackduck.broker")
 
 
 class Unavailable(Exception):
-    """The operation cannot be done now (record store down or too slow)."""
+    """The operation cannot be done now (record store down, server draining)."""
+
+
+class OutcomeUnknown(Exception):
+    """The write was accepted but not confirmed in time: it may still commit.
+
+    Answered as DEADLINE_EXCEEDED, not UNAVAILABLE: gRPC clients treat
+    UNAVAILABLE as "nothing happened, safe to retry", which here could create
+    a second job.
+    """
 
 
 @attrs.define
@@ -115,9 +123,9 @@ class Broker:
         with trio.move_on_after(self.write_timeout):
             await done.wait()
             return
-        raise Unavailable(
+        raise OutcomeUnknown(
             f"the record store ({self.committer.backend.kind}) did not confirm the write "
-            f"within {self.write_timeout:g} s; it stays queued and will be retried"
+            f"within {self.write_timeout:g} s; it stays queued and may still be applied"
         )
 
     def _persist(self, jobs: Sequence[Job]) -> trio.Event:
@@ -162,7 +170,7 @@ class Broker:
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_target:
             self._timer_wakeup.set()
-        if self.core.statistics().running == 0:
+        if self.draining and self.core.count(Status.RUNNING) == 0:
             self._idle.set()
 
     async def _admission(self) -> None:
@@ -186,7 +194,7 @@ class Broker:
             if isinstance(spec, Rejected):
                 results.append(spec)
                 continue
-            job = new_job(new_id(), spec, now)
+            job = self.core.new_record(spec, job_id=new_id(), now=now)
             accepted.append(job)
             results.append(job)
         if accepted:
@@ -255,7 +263,7 @@ class Broker:
         self.changed()
         return stream_id, receive
 
-    def close_stream(self, stream_id: int) -> None:
+    def close_stream(self, stream_id: int, *, server_leaving: bool = False) -> None:
         """Detach a stream: its un-acked jobs are requeued at once.
 
         Jobs still in the stream's buffer never left this server: they are
@@ -273,7 +281,9 @@ class Broker:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         send.close()
-        changed = self.core.detach(stream_id, now=self.clock.now(), unsent=unsent)
+        changed = self.core.detach(
+            stream_id, now=self.clock.now(), unsent=unsent, server_leaving=server_leaving
+        )
         if changed:
             self._persist(changed)
             log.info(
@@ -417,11 +427,12 @@ class Broker:
         """Stop delivering; wait up to ``grace`` for running jobs; requeue the rest."""
         self.draining = True
         with trio.move_on_after(grace):
-            while self.core.statistics().running:
+            while self.core.count(Status.RUNNING):
                 self._idle = trio.Event()
                 await self._idle.wait()
         for stream_id in list(self._streams):
-            self.close_stream(stream_id)
+            # The server is leaving, not the worker failing: no poison-pill count.
+            self.close_stream(stream_id, server_leaving=True)
 
     def restore(self, jobs: Sequence[Job]) -> int:
         """Rebuild the queue from the record store at start; returns requeued count."""

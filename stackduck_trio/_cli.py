@@ -19,6 +19,7 @@ import trio
 
 from ._config import SETTINGS, ConfigError, load_config
 from ._logging import configure_logging
+from ._store import StorageUnavailable
 
 log = logging.getLogger("stackduck.cli")
 
@@ -109,6 +110,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         trio.run(_serve_until_signalled, config, args.ready_file)
     except* OSError as group:
         log.error("cannot serve on %s:%d: %s", config.host, config.port, group.exceptions[0])
+        failed = True
+    except* StorageUnavailable as group:
+        log.error("cannot open the record store: %s", group.exceptions[0])
         failed = True
     return 1 if failed else 0
 

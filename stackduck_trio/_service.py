@@ -16,9 +16,18 @@ from typing import Final
 import trio
 from purerpc.grpclib.status import StatusCode
 
-from stackduck_core import EnqueueRequest, Job, Limits, Rejected, validate_job_type
+from stackduck_core import (
+    Durability,
+    EnqueueMode,
+    EnqueueRequest,
+    Job,
+    Limits,
+    Rejected,
+    route,
+    validate_job_type,
+)
 
-from ._broker import AckRequest, Broker, Unavailable, rejected_to_status
+from ._broker import AckRequest, Broker, OutcomeUnknown, Unavailable, rejected_to_status
 from ._proto import health_pb2
 from ._proto import stackduck_pb2 as pb
 from ._rpc import CallContext, RpcError
@@ -29,6 +38,8 @@ MAX_PREFETCH: Final = 1000
 MAX_LEASE_SECONDS: Final = 86400
 MAX_BATCH: Final = 10_000
 MAX_LIST: Final = 1000
+#: Longest job or worker id accepted (ours are 36-character UUIDs).
+MAX_ID_LENGTH: Final = 128
 #: Payload + error bytes per ListDeadJobs page: under grpcio's default 4 MiB
 #: receive limit, so any client can page through dead letters of any size.
 MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
@@ -145,7 +156,7 @@ class StackDuckService:
         assert prefetch is not None
         try:
             stream_id, jobs = self.broker.open_stream(
-                worker_id=request.worker_id or ctx.peer,
+                worker_id=_worker_id(request.worker_id, ctx.peer),
                 job_types=job_types,
                 prefetch=prefetch,
                 lease_seconds=None if lease is None else float(lease),
@@ -211,7 +222,7 @@ class StackDuckService:
         job = await self._call(
             self.broker.claim(
                 request.queue_name,
-                worker_id=request.worker_id or ctx.peer,
+                worker_id=_worker_id(request.worker_id, ctx.peer),
                 lease_seconds=None if lease is None else float(lease),
             )
         )
@@ -270,10 +281,12 @@ class StackDuckService:
         _require_id(request.job_id)
         lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
         job = _raise_for(
-            await self.broker.extend(
-                request.job_id,
-                _lease_or_none(request.lease_id),
-                None if lease is None else float(lease),
+            await self._call(
+                self.broker.extend(
+                    request.job_id,
+                    _lease_or_none(request.lease_id),
+                    None if lease is None else float(lease),
+                )
             )
         )
         assert job.lease_expires_at is not None
@@ -312,7 +325,9 @@ class StackDuckService:
             raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"job_ids: at most {MAX_BATCH} per call")
         if job_type and job_type != "*":
             _check_type(job_type, self.broker.core.limits)
-        return self.broker.dead_ids(list(job_ids), job_type)
+        # By type: at most MAX_BATCH per call (the answer lists every item);
+        # callers repeat until the count is 0.
+        return self.broker.dead_ids(list(job_ids), job_type)[:MAX_BATCH]
 
     async def RequeueDeadJobs(
         self, request: pb.RequeueDeadJobsRequest, ctx: CallContext
@@ -398,11 +413,25 @@ class StackDuckService:
             return await awaitable
         except Unavailable as exc:
             raise RpcError(StatusCode.UNAVAILABLE, str(exc)) from exc
+        except OutcomeUnknown as exc:
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
 
 
 def _require_id(job_id: str) -> None:
     if not job_id:
         raise RpcError(StatusCode.INVALID_ARGUMENT, "job_id is required")
+    if len(job_id) > MAX_ID_LENGTH:
+        raise RpcError(
+            StatusCode.INVALID_ARGUMENT, f"job_id is longer than {MAX_ID_LENGTH} characters"
+        )
+
+
+def _worker_id(worker_id: str, peer: str) -> str:
+    if len(worker_id) > MAX_ID_LENGTH:
+        raise RpcError(
+            StatusCode.INVALID_ARGUMENT, f"worker_id is longer than {MAX_ID_LENGTH} characters"
+        )
+    return worker_id or peer
 
 
 def _check_type(job_type: str, limits: Limits, field: str = "job_type") -> None:
@@ -427,8 +456,8 @@ class HealthService:
     def _status(self) -> int:
         if self.broker.draining:
             return health_pb2.HealthCheckResponse.NOT_SERVING
-        state = self.broker.committer.health.state.value
-        if state == "down":
+        decision = route(None, self.broker.committer.health.state, Durability.STRICT)
+        if decision.enqueue is not EnqueueMode.ACCEPT:
             return health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse.SERVING
 

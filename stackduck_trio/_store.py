@@ -20,12 +20,14 @@ UNAVAILABLE), but their writes stay in line.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import pathlib
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Protocol, TypeVar
+from typing import IO, Final, Protocol, TypeVar
 
 import attrs
 import trio
@@ -128,6 +130,7 @@ class SqliteBackend:
         if self.synchronous not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise ValueError(f"unknown synchronous mode {synchronous!r}")
         self._db: sqlite3.Connection | None = None
+        self._lock: IO[str] | None = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -137,7 +140,19 @@ class SqliteBackend:
 
     def open(self) -> None:
         if self.path != ":memory:":
-            pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            directory = pathlib.Path(self.path).parent
+            directory.mkdir(parents=True, exist_ok=True)
+            self._lock_directory(directory)
+        try:
+            self._open_database()
+        except sqlite3.Error as exc:
+            self.close()  # give the directory lock back
+            raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
+        except Exception:
+            self.close()
+            raise
+
+    def _open_database(self) -> None:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -185,10 +200,27 @@ class SqliteBackend:
             )
         self._db = db
 
+    def _lock_directory(self, directory: pathlib.Path) -> None:
+        # Two servers on one data directory would both restore and deliver the
+        # same jobs: the second one must refuse to start. The lock dies with
+        # the process, so a kill -9 leaves nothing stale behind.
+        lock = open(directory / "lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StorageUnavailable(
+                f"{directory} is in use by another Stackduck server (its lock file is held)"
+            ) from None
+        self._lock = lock
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     _UPSERT: Final = (
         f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
@@ -202,32 +234,40 @@ class SqliteBackend:
         db = self.db
         try:
             db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(self._UPSERT, [job_to_row(job) for job in batch.upserts])
-                if batch.deletes:
-                    db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in batch.deletes])
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            db.executemany(self._UPSERT, [job_to_row(job) for job in batch.upserts])
+            if batch.deletes:
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in batch.deletes])
             db.execute("COMMIT")
         except sqlite3.Error as exc:
+            # Also after a failed COMMIT (BUSY, FULL, IOERR): SQLite may leave the
+            # transaction open, and every later BEGIN would fail until restart.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise StorageUnavailable(f"SQLite commit failed: {exc}") from exc
 
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self.db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"SQLite read failed: {exc}") from exc
+
     def load_active(self) -> list[Job]:
-        rows = self.db.execute(
+        rows = self._read(
             f"SELECT {', '.join(_COLUMNS)} FROM jobs "
             "WHERE status IN ('scheduled', 'queued', 'running', 'failed') ORDER BY seq, created_at"
-        ).fetchall()
+        )
         return [row_to_job(row) for row in rows]
 
     def get(self, job_id: str) -> Job | None:
-        row = self.db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)
-        ).fetchone()
-        return None if row is None else row_to_job(row)
+        rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
+        return row_to_job(rows[0]) if rows else None
 
     def counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        return {
+            str(status): int(n)  # type: ignore[call-overload]
+            for status, n in self._read("SELECT status, count(*) FROM jobs GROUP BY status")
+        }
 
 
 class MemoryBackend:
@@ -301,7 +341,7 @@ class GroupCommitter:
         backend: the blocking backend.
         health: the backend's health machine (the core decides backoff).
         max_batch: most writes per transaction.
-        max_pending: writes that may wait before :meth:`wait_capacity` blocks
+        max_pending: records that may wait before :meth:`wait_capacity` blocks
             new work (backpressure instead of unbounded memory).
     """
 
@@ -322,6 +362,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._pending: list[_Pending] = []
+        self._pending_rows = 0
         self._wakeup = trio.Event()
         self._space = trio.Event()
         self._space.set()
@@ -337,8 +378,8 @@ class GroupCommitter:
     # -- producers -------------------------------------------------------------
 
     async def wait_capacity(self) -> None:
-        """Block while too many writes are pending (backpressure)."""
-        while len(self._pending) >= self._max_pending:
+        """Block while too many records are pending (backpressure)."""
+        while self._pending_rows >= self._max_pending:
             self._space = trio.Event() if self._space.is_set() else self._space
             await self._space.wait()
 
@@ -359,6 +400,7 @@ class GroupCommitter:
             raise StorageUnavailable("the record store is shut down")
         item = _Pending(tuple(upserts), tuple(deletes), on_commit)
         self._pending.append(item)
+        self._pending_rows += len(item.upserts) + len(item.deletes)
         self._wakeup.set()
         return item.done
 
@@ -388,13 +430,24 @@ class GroupCommitter:
 
     async def _commit_loop(self) -> None:
         while True:
+            items: list[_Pending] = []
             if not self._pending:
                 if self._closed:
                     return
                 self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            items = self._pending[: self._max_batch]
+                probe_at = self.health.next_probe_at()
+                if probe_at is None:
+                    await self._wakeup.wait()
+                    continue
+                # Not healthy and nothing to write: the health machine still
+                # needs probes to leave SUSPECT/DOWN/RECOVERING (otherwise an
+                # idle server would refuse enqueues forever). An empty commit
+                # is the probe: it takes the write lock like a real one.
+                with trio.move_on_at(self._deadline(probe_at)):
+                    await self._wakeup.wait()
+                    continue  # real writes arrived: they are the probe
+            else:
+                items = self._pending[: self._max_batch]
             batch = self._merge(items)
             try:
                 await self.run_blocking(functools.partial(self.backend.commit, batch))
@@ -409,14 +462,20 @@ class GroupCommitter:
                 continue
             self._report(failed=False)
             del self._pending[: len(items)]
-            self._batches += 1
+            self._pending_rows -= sum(len(i.upserts) + len(i.deletes) for i in items)
+            self._batches += bool(items)
             self._rows += len(batch.upserts) + len(batch.deletes)
             self._largest = max(self._largest, len(items))
-            if len(self._pending) < self._max_pending:
+            if self._pending_rows < self._max_pending:
                 self._space.set()
             for item in items:
                 if item.on_commit is not None:
-                    item.on_commit()
+                    try:
+                        item.on_commit()
+                    except Exception:
+                        # A bug in one callback must not strand the others'
+                        # waiters nor kill the writer (and with it the server).
+                        log.exception("on_commit callback failed")
                 item.done.set()
             if self._reconcile_id is not None and not self._pending:
                 # Recovery's reconcile for a record store is flushing what
@@ -467,7 +526,7 @@ class GroupCommitter:
 
     def statistics(self) -> CommitterStats:
         return CommitterStats(
-            pending=len(self._pending),
+            pending=self._pending_rows,
             batches=self._batches,
             rows=self._rows,
             failures=self._failures,

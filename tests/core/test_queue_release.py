@@ -179,3 +179,51 @@ def test_a_release_shrinks_the_streams_prefetch_instead_of_refilling_it() -> Non
     expect_job(h.core.complete(jobs[0].id, lease_id=first[0].job.lease_id, now=h.now))
     (again,) = h.core.dispatch(now=h.now)
     assert again.job.id == jobs[1].id  # the released job kept its place
+
+
+def test_detach_without_penalty_when_the_server_leaves() -> None:
+    h = Harness()
+    a, b = h.enqueue(), h.enqueue()
+    h.core.attach(1, worker_id="w", job_types=["t"], prefetch=2)
+    assert len(h.core.dispatch(now=h.now)) == 2
+    changed = h.core.detach(1, now=h.now, server_leaving=True, unsent={b.id})
+    assert {j.id for j in changed} == {a.id, b.id}
+    assert all(j.lost_leases == 0 and j.status is Status.QUEUED for j in changed)
+    by_id = {j.id: j for j in changed}
+    assert by_id[a.id].attempt == 1  # it did reach a worker: the attempt stays
+    assert by_id[b.id].attempt == 0  # never left the server
+
+
+def test_status_totals_follow_every_change() -> None:
+    h = Harness()
+    jobs = [h.enqueue() for _ in range(3)]
+    later = h.enqueue(scheduled_in=60)
+    assert (h.core.count(Status.QUEUED), h.core.count(Status.SCHEDULED)) == (3, 1)
+    running = h.claim()
+    assert h.core.count(Status.RUNNING) == 1 and h.core.count(Status.QUEUED) == 2
+    expect_job(h.core.complete(running.id, lease_id=running.lease_id, now=h.now))
+    expect_job(h.core.cancel(later.id, now=h.now))
+    assert h.core.count(Status.RUNNING) == 0 and h.core.count(Status.SCHEDULED) == 0
+    assert h.core.count(Status.COMPLETED) == 0  # finished jobs leave memory
+    stats = h.core.statistics()
+    assert stats.queued == h.core.count(Status.QUEUED) == len(jobs) - 1
+
+
+def test_new_record_is_stamped_before_it_is_written() -> None:
+    h = Harness()
+    from stackduck_core import EnqueueRequest, validate_enqueue
+
+    spec = validate_enqueue(EnqueueRequest(job_type="t"), now=h.now, limits=Limits())
+    assert not isinstance(spec, type(None))
+    first = h.core.new_record(spec, job_id="a", now=h.now)  # type: ignore[arg-type]
+    second = h.core.new_record(spec, job_id="b", now=h.now)  # type: ignore[arg-type]
+    assert 0 < first.seq < second.seq and first.status is Status.QUEUED
+    # admitted later, in the opposite order: the stamped order wins
+    h.core.restore(second, now=h.now)
+    h.core.restore(first, now=h.now)
+    assert [h.claim().id, h.claim().id] == ["a", "b"]
+    later = validate_enqueue(
+        EnqueueRequest(job_type="t", scheduled_at=h.now + 10), now=h.now, limits=Limits()
+    )
+    scheduled = h.core.new_record(later, job_id="c", now=h.now)  # type: ignore[arg-type]
+    assert scheduled.status is Status.SCHEDULED and scheduled.seq == 0  # stamped when due

@@ -703,3 +703,13 @@ def test_random_walk_stays_in_the_table(steps: list[tuple[type[Event], float]]) 
             if result.status is Status.RUNNING:
                 assert result.lease_id == lease
         job = result
+
+
+def test_a_detach_the_job_is_not_to_blame_for_is_not_counted() -> None:
+    old = make_job(Status.RUNNING, lost_leases=4)
+    new = apply(old, WorkerDetached(now=LATER, lease_id=LEASE, counted=False))
+    assert isinstance(new, Job) and new.status is Status.QUEUED
+    assert (new.lost_leases, new.attempt, new.seq) == (4, old.attempt, old.seq)
+    assert_released(old, new, LATER)
+    stale = apply(old, WorkerDetached(now=LATER, lease_id="other", counted=False))
+    assert isinstance(stale, Rejected) and stale.reason is RejectReason.STALE_LEASE

@@ -8,7 +8,7 @@ import trio
 import trio.lowlevel
 
 from stackduck_core import EnqueueRequest, Job, Rejected, RejectReason, Status
-from stackduck_trio._broker import Unavailable
+from stackduck_trio._broker import OutcomeUnknown, Unavailable
 
 from .conftest import BrokerHarness
 
@@ -128,11 +128,11 @@ async def test_failed_writes_are_retried_never_dropped(
     assert h.broker.committer.statistics().failures == 2
 
 
-async def test_slow_store_answers_unavailable_but_keeps_the_write(
+async def test_slow_store_answers_outcome_unknown_but_keeps_the_write(
     h: BrokerHarness, autojump_clock: trio.abc.Clock
 ) -> None:
     h.backend.fail_next = 1_000_000
-    with pytest.raises(Unavailable, match="did not confirm"):
+    with pytest.raises(OutcomeUnknown, match="did not confirm .* may still be applied"):
         await enqueue(h)
     assert h.broker.core.statistics().queued == 0  # not queued before it is on disk
     h.backend.fail_next = 0
@@ -158,3 +158,31 @@ async def test_drain_waits_for_running_jobs_then_requeues(
     assert h.broker.core.get(second.id).status is Status.QUEUED  # type: ignore[union-attr]
     assert {a.id, b.id} == {first.id, second.id}
     del sid
+
+
+async def test_an_idle_server_recovers_from_a_store_outage_by_probing(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    from stackduck_core import Health
+
+    h.backend.fail_next = 4  # suspect, down, then a failed probe
+    job = await enqueue(h)  # committed once the store answers again
+    assert h.backend.rows[job.id]
+    assert h.broker.committer.health.state is not Health.HEALTHY
+    # nothing else to write: the committer keeps probing on its own
+    await trio.sleep(5)
+    assert h.broker.committer.health.state is Health.HEALTHY
+    await enqueue(h)  # accepted again
+
+
+async def test_shutdown_requeues_running_jobs_without_a_poison_count(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    job = await enqueue(h)
+    _, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=1, lease_seconds=None)
+    running = jobs.receive_nowait()
+    assert running.id == job.id
+    await h.broker.drain(1.0)
+    again = h.broker.core.get(job.id)
+    assert again is not None and again.status is Status.QUEUED
+    assert again.lost_leases == 0  # the server left; the job did nothing wrong

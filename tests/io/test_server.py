@@ -120,3 +120,11 @@ def test_second_server_on_the_same_port_fails_loudly(tmp_path: pathlib.Path) -> 
             second.start(port=first.port)
         assert time.monotonic() - started < 15
         assert "cannot serve on 127.0.0.1" in second.log_path.read_text()
+
+
+def test_two_servers_cannot_share_a_data_directory(tmp_path: pathlib.Path) -> None:
+    with ServerProcess(tmp_path):
+        second = ServerProcess(tmp_path, log_path=tmp_path / "second.log")
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            second.start()
+        assert "in use by another Stackduck server" in second.log_path.read_text()

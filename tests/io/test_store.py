@@ -20,9 +20,9 @@ from stackduck_trio._store import (
 )
 
 
-def make_job(n: int, now: float = 1_800_000_000.0, **fields: object):  # type: ignore[no-untyped-def]
+def make_job(n: int, now: float = 1_800_000_000.0, job_type: str = "t", **fields: object):  # type: ignore[no-untyped-def]
     spec = validate_enqueue(
-        EnqueueRequest(job_type="t", payload=f'{{"n": {n}}}', **fields),  # type: ignore[arg-type]
+        EnqueueRequest(job_type=job_type, payload=f'{{"n": {n}}}', **fields),  # type: ignore[arg-type]
         now=now,
         limits=Limits(),
     )
@@ -33,8 +33,6 @@ def test_sqlite_round_trip_and_active_rows(tmp_path: pathlib.Path) -> None:
     backend = SqliteBackend(tmp_path / "db" / "stackduck.db")
     backend.open()
     jobs = [make_job(n) for n in range(4)]
-    done = jobs[3].__class__(**{**jobs[3].__dict__}) if False else None
-    del done
     backend.commit(Batch(jobs, ()))
     assert backend.get("job-1") == jobs[1]
     assert backend.get("nope") is None
@@ -134,3 +132,35 @@ async def test_committer_recovers_through_the_health_machine(
     assert Health.DOWN in seen
     assert health.state is Health.HEALTHY
     assert committer.statistics().failures == 6
+
+
+def test_a_failed_commit_does_not_leave_sqlite_in_a_transaction(tmp_path: pathlib.Path) -> None:
+    backend = SqliteBackend(tmp_path / "stackduck.db")
+    backend.open()
+    # a trigger that fails the COMMIT-time work: a deferred foreign key violation
+    backend.db.executescript(
+        """
+        CREATE TABLE parent (id TEXT PRIMARY KEY);
+        CREATE TABLE child (id TEXT REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);
+        PRAGMA foreign_keys = ON;
+        CREATE TRIGGER orphan AFTER INSERT ON jobs WHEN NEW.job_type = 'bad'
+        BEGIN INSERT INTO child VALUES ('missing'); END;
+        """
+    )
+    with pytest.raises(StorageUnavailable, match="commit failed"):
+        backend.commit(Batch([make_job(1, job_type="bad")], ()))
+    assert not backend.db.in_transaction
+    backend.commit(Batch([make_job(2)], ()))  # the next commit works
+    assert backend.get("job-2") is not None
+    backend.close()
+
+
+def test_a_data_directory_serves_one_server_at_a_time(tmp_path: pathlib.Path) -> None:
+    first = SqliteBackend(tmp_path / "stackduck.db")
+    first.open()
+    second = SqliteBackend(tmp_path / "stackduck.db")
+    with pytest.raises(StorageUnavailable, match="in use by another Stackduck server"):
+        second.open()
+    first.close()
+    second.open()  # the lock went with the first one
+    second.close()
