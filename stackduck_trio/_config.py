@@ -8,6 +8,7 @@ CLI flags, the environment names and the README table are derived.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping
@@ -64,8 +65,8 @@ class Setting:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise ValueError("must be greater than 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a finite number greater than 0")
     return value
 
 
@@ -110,7 +111,13 @@ SETTINGS: Final = (
         "directory of the embedded SQLite store; ':memory:' keeps nothing",
         "DIR",
     ),
-    Setting("database_url", "DATABASE_URL", _optional, "PostgreSQL record store (not yet)", "URL"),
+    Setting(
+        "database_url",
+        "DATABASE_URL",
+        _optional,
+        "PostgreSQL record store (instead of SQLite)",
+        "URL",
+    ),
     Setting("redis_url", "REDIS_URL", _optional, "Redis queue tier (not yet)", "URL"),
     Setting(
         "tokens",

@@ -47,7 +47,9 @@ def configure_logging(fmt: str = "human", level: str = "info") -> None:
     """Send ``stackduck.*`` logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
-    root = logging.getLogger("stackduck")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    # psycopg's pool logs connection trouble itself: same handler and format.
+    for name in ("stackduck", "psycopg"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper() if name == "stackduck" else "WARNING")
+        logger.propagate = False

@@ -19,6 +19,7 @@ Shutdown (``shutdown`` event set, e.g. by SIGTERM in the CLI):
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import ssl
 
@@ -40,16 +41,15 @@ log = logging.getLogger("stackduck.server")
 
 def make_backend(config: ServerConfig) -> Backend:
     """The record-store backend the configuration asks for."""
-    if config.database_url:
-        raise ConfigError(
-            "DATABASE_URL is set, but the PostgreSQL record store is not part of this "
-            "build yet; unset DATABASE_URL to use the embedded SQLite store"
-        )
     if config.redis_url:
         raise ConfigError(
             "REDIS_URL is set, but the Redis queue tier is not part of this build yet; "
             "unset REDIS_URL to use the embedded in-memory queue"
         )
+    if config.database_url:
+        from ._postgres import PostgresBackend  # psycopg loads only when used
+
+        return PostgresBackend(config.database_url)
     if config.data_dir == ":memory:":
         return MemoryBackend()
     return SqliteBackend(config.sqlite_path, synchronous=config.sqlite_synchronous)
@@ -68,7 +68,9 @@ def _authenticator(tokens: tuple[str, ...]):  # type: ignore[no-untyped-def]
             if key.lower() == "authorization":
                 text = value.decode() if isinstance(value, bytes) else value
                 scheme, _, token = text.partition(" ")
-                if scheme.lower() == "bearer" and token in allowed:
+                if scheme.lower() == "bearer" and any(
+                    hmac.compare_digest(token.encode(), good.encode()) for good in allowed
+                ):
                     return
                 raise RpcError(StatusCode.UNAUTHENTICATED, "invalid bearer token")
         raise RpcError(StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer TOKEN' metadata")
@@ -166,7 +168,12 @@ async def serve(
             with trio.move_on_after(max(config.write_timeout, 1.0)) as scope:
                 await committer.wait_closed()
             if scope.cancelled_caught:
-                log.error("record store did not flush within %g s", config.write_timeout)
+                log.error(
+                    "record store did not flush within %g s: %d records not written "
+                    "(jobs involved are restored from their last committed state)",
+                    config.write_timeout,
+                    committer.statistics().pending,
+                )
             root.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

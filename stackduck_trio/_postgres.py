@@ -1,0 +1,836 @@
+"""The PostgreSQL record store (ARCHITECTURE §3: ``DATABASE_URL``).
+
+:class:`PostgresBackend` implements the :class:`~stackduck_trio._store.Backend`
+protocol with the same semantics as :class:`~stackduck_trio._store.SqliteBackend`:
+one row per job, upserts guarded by ``version`` (a late retry never overwrites
+a newer record), deletes in the same transaction.
+
+Threads, not asyncio
+    psycopg's ``AsyncConnection`` does not run under trio (STACK_NOTES), so
+    every method is synchronous and is called from the group committer's worker
+    thread (``GroupCommitter.run_blocking``), one call at a time.
+
+Connections
+    A ``psycopg_pool.ConnectionPool`` whose ``check`` callback
+    (``ConnectionPool.check_connection``) tests each connection before it is
+    handed out, so connections broken by a server restart are replaced instead
+    of failing a commit. When one broken connection is found the whole pool is
+    drained: after a restart every idle connection is dead, and checking them
+    one by one would cost the pool's growing retry sleeps (a failover to a
+    read-only standby drains it too). While the server refuses connections a
+    call gives up after a short wait instead of the whole ``connect_timeout``:
+    the core's health machine, not the driver, paces retries. An empty commit
+    still makes a round trip, so the committer can use it as a health probe.
+    Session state (``statement_timeout``, the COPY staging table) needs direct
+    connections or session pooling; PgBouncer's transaction pooling is not
+    supported.
+
+Bounded calls
+    A thread cannot be interrupted. Each connection runs with
+    ``statement_timeout`` (default 10 s), so a slow or locked server fails the
+    statement itself; a server that does not answer at all (frozen, or a
+    network that drops packets) cannot enforce it, so a :class:`_Watchdog`
+    thread watches every statement: ``grace`` seconds after the statement
+    timeout it sends a cancel request (``cancel_safe``), and if the call still
+    has not returned ``grace`` seconds later it shuts the socket down, which
+    wakes libpq with an error. Every blocking call therefore ends within about
+    ``statement_timeout + 2 * grace`` with :class:`StorageUnavailable`, and
+    the committer retries the batch (commits are idempotent, see below).
+    :meth:`PostgresBackend.interrupt` does the same at once: it is what the
+    trio side should call when the task waiting for the thread is cancelled
+    (``trio.to_thread.run_sync`` cannot tell the thread; the caller can).
+
+Schema
+    Everything lives in one schema (default ``stackduck``; ``?schema=`` in the
+    URL or the ``schema`` argument), so tests and tenants can share a database.
+    Versioned migrations are recorded in ``<schema>.schema_migrations`` and are
+    applied at :meth:`~PostgresBackend.open` in one transaction that holds
+    ``pg_advisory_xact_lock``: instances starting together serialize, and the
+    later ones find the work done. A database migrated by a newer Stackduck is
+    refused, like SQLite's ``user_version``.
+
+Writes
+    The upsert is ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE
+    jobs.version < EXCLUDED.version``; deletes are one ``DELETE ... WHERE id =
+    ANY(...)``. A lone upsert or a lone delete is one autocommit statement
+    (atomic by itself). Other small batches are one pipelined transaction
+    (``BEGIN``, ``executemany``, ``DELETE``, ``COMMIT`` in one round trip). From
+    ``copy_threshold`` rows on, the rows are ``COPY``-ed (binary) into a
+    per-connection temporary table and merged with one ``INSERT ... SELECT``:
+    about twice the rows/s of ``executemany`` at 1k+ rows. Several versions of
+    one job in a batch are reduced to the newest (one statement cannot touch a
+    row twice), and rows are written in id order so concurrent writers lock in
+    the same order. Because of the version guard a batch retried after an
+    unknown outcome (a connection lost during ``COMMIT``) is harmless.
+
+Text
+    PostgreSQL ``text`` cannot hold NUL. Payloads cannot contain one (they are
+    validated JSON), but error texts and worker ids come from clients; a NUL is
+    stored as U+FFFD. Refusing the row instead would make the committer retry
+    that batch forever and block every other write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import logging
+import math
+import operator
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from stackduck_core import Job
+
+from ._config import ConfigError
+from ._store import _COLUMNS, ACTIVE_STATUSES, Batch, StorageUnavailable, row_to_job
+
+log = logging.getLogger("stackduck.store.postgres")
+
+#: The newest schema version this code knows; see :data:`_MIGRATIONS`.
+SCHEMA_VERSION: Final = 1
+DEFAULT_SCHEMA: Final = "stackduck"
+
+# Column types, used by COPY's binary format (which needs exact types).
+_TYPES: Final = {
+    "id": "text",
+    "job_type": "text",
+    "payload": "text",
+    "status": "text",
+    "priority": "int4",
+    "max_retries": "int4",
+    "delay": "int4",
+    "scheduled_at": "float8",
+    "created_at": "float8",
+    "updated_at": "float8",
+    "retry_count": "int4",
+    "error_message": "text",
+    "started_at": "float8",
+    "completed_at": "float8",
+    "seq": "int8",
+    "attempt": "int4",
+    "lost_leases": "int4",
+    "lease_id": "text",
+    "lease_expires_at": "float8",
+    "worker_id": "text",
+    "version": "int8",
+}
+# A column added to the Job record without a migration here must fail loudly.
+if tuple(_TYPES) != _COLUMNS:  # pragma: no cover - guards future edits
+    raise RuntimeError("stackduck_trio._postgres is out of date with the record columns")
+_COPY_TYPES: Final = [_TYPES[c] for c in _COLUMNS]
+_TEXT_INDEXES: Final = tuple(i for i, c in enumerate(_COLUMNS) if _TYPES[c] == "text")
+_STATUS_INDEX: Final = _COLUMNS.index("status")
+_ROW_OF: Final = operator.attrgetter(*_COLUMNS)
+
+# The active-row predicate, spelled exactly as in the partial index of
+# migration 1 so the planner can prove the index applies.
+_ACTIVE_SQL: Final = "status IN ('scheduled', 'queued', 'running', 'failed')"
+if {s.value for s in ACTIVE_STATUSES} != {"scheduled", "queued", "running", "failed"}:
+    raise RuntimeError("ACTIVE_STATUSES changed: add a migration for the jobs_active index")
+
+# Migrations: (version, description, statements). Never edit a released one;
+# append a new version. ``{jobs}`` is the schema-qualified jobs table.
+_MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
+    (
+        1,
+        "jobs table, active-row and status indexes",
+        (
+            """
+            CREATE TABLE {jobs} (
+                id text PRIMARY KEY,
+                job_type text NOT NULL,
+                payload text NOT NULL,
+                status text NOT NULL,
+                priority integer NOT NULL,
+                max_retries integer NOT NULL,
+                delay integer NOT NULL,
+                scheduled_at double precision NOT NULL,
+                created_at double precision NOT NULL,
+                updated_at double precision NOT NULL,
+                retry_count integer NOT NULL,
+                error_message text NOT NULL,
+                started_at double precision,
+                completed_at double precision,
+                seq bigint NOT NULL,
+                attempt integer NOT NULL,
+                lost_leases integer NOT NULL,
+                lease_id text,
+                lease_expires_at double precision,
+                worker_id text,
+                version bigint NOT NULL
+            )
+            """,
+            # load_active: a restart reads the active rows in queue order; the
+            # partial index stays small however many completed rows pile up.
+            "CREATE INDEX jobs_active ON {jobs} (seq, created_at) "
+            "WHERE status IN ('scheduled', 'queued', 'running', 'failed')",
+            # counts(): GROUP BY status as an index-only scan.
+            "CREATE INDEX jobs_status ON {jobs} (status)",
+        ),
+    ),
+)
+assert _MIGRATIONS[-1][0] == SCHEMA_VERSION
+
+#: Libpq settings applied unless the URL sets them.
+_CONNECT_DEFAULTS: Final = {
+    "application_name": "stackduck",
+    # Detect a dead peer on idle pooled connections (TCP only).
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+_READ_ONLY: Final = "25006"  # read_only_sql_transaction
+#: Slices of the wait for a pooled connection (see ``PostgresBackend._acquire``).
+_SLICE: Final = 0.25
+_STAGE: Final = "stackduck_stage"  # the per-connection temporary table of COPY
+# A schema name we create and quote: keep it a plain identifier.
+_SCHEMA_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _clean(text: str) -> str:
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _row(job: Job) -> list[Any]:
+    """The SQL row of a job (attrgetter: one C call instead of 21 getattr)."""
+    row: list[Any] = list(_ROW_OF(job))
+    row[_STATUS_INDEX] = job.status.value
+    for i in _TEXT_INDEXES:
+        value = row[i]
+        if value is not None and "\x00" in value:
+            row[i] = _clean(value)
+    return row
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for logs and UNAVAILABLE messages (psycopg's are multi-line)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{text} [{sqlstate}]" if sqlstate else text
+
+
+def _lock_key(schema: str) -> int:
+    """A stable signed 64-bit advisory-lock key for migrating ``schema``."""
+    digest = hashlib.blake2b(f"stackduck.migrate:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Remove Stackduck's own query parameters from a ``postgresql://`` URL.
+
+    libpq rejects unknown URI parameters, so ``schema`` and
+    ``statement_timeout`` are taken out here. Other parameters are kept
+    verbatim (re-encoding them could change their meaning: libpq does not
+    decode ``+`` as a space).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.query:
+        return url, {}
+    ours: dict[str, str] = {}
+    kept: list[str] = []
+    for item in parts.query.split("&"):
+        key, _, value = item.partition("=")
+        if key in ("schema", "statement_timeout"):
+            ours[key] = unquote(value)
+        elif item:
+            kept.append(item)
+    return urlunsplit(parts._replace(query="&".join(kept))), ours
+
+
+class _Guard:
+    """One watched blocking call: its connection and deadline."""
+
+    __slots__ = ("cancelled", "conn", "deadline", "limit", "severed")
+
+    def __init__(self, conn: psycopg.Connection[Any], limit: float) -> None:
+        self.conn = conn
+        self.limit = limit
+        self.deadline = time.monotonic() + limit
+        self.cancelled = False
+        self.severed = False
+
+
+class _Watchdog:
+    """Ends blocking calls whose server stopped answering (see the module docstring).
+
+    One daemon thread per backend sleeps until the earliest deadline. An
+    overdue call first gets a cancel request, then, ``grace`` seconds later,
+    its socket is shut down. Shutting a socket down (not closing it: the file
+    descriptor stays libpq's) makes the blocked ``poll``/``recv`` return at
+    once with end-of-file, so psycopg raises and the connection is marked
+    broken; the pool then replaces it.
+    """
+
+    def __init__(self, name: str, grace: float) -> None:
+        self.name = name
+        self.grace = grace
+        self._cond = threading.Condition()
+        self._guards: set[_Guard] = set()
+        self._thread: threading.Thread | None = None
+        # Each started thread runs while the generation it got is current, so
+        # a thread that outlived stop()'s join can never run beside its successor.
+        self._generation = 0
+        self._wake_at = math.inf  # when the thread wakes up next (under the lock)
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._generation += 1
+            self._thread = threading.Thread(
+                target=self._run, args=(self._generation,), name=self.name, daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            thread, self._thread = self._thread, None
+            self._generation += 1
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout=2 * self.grace + 1)
+
+    @contextlib.contextmanager
+    def watch(self, conn: psycopg.Connection[Any], limit: float) -> Iterator[_Guard]:
+        guard = _Guard(conn, limit)
+        with self._cond:
+            self._guards.add(guard)
+            if guard.deadline < self._wake_at:
+                self._cond.notify()  # otherwise the thread wakes early enough
+        try:
+            yield guard
+        finally:
+            with self._cond:
+                self._guards.discard(guard)
+
+    def renew(self, guard: _Guard) -> None:
+        """A new statement starts: it gets the full limit again."""
+        with self._cond:
+            guard.deadline = time.monotonic() + guard.limit
+            guard.cancelled = False
+            # No notify: a later deadline never needs an earlier wake-up.
+
+    def interrupt(self) -> int:
+        """Cancel every watched call now; returns how many there were."""
+        with self._cond:
+            now = time.monotonic()
+            for guard in self._guards:
+                guard.deadline = min(guard.deadline, now)
+            self._cond.notify()
+            return len(self._guards)
+
+    def _run(self, generation: int) -> None:
+        with self._cond:
+            while self._generation == generation:
+                now = time.monotonic()
+                wake = math.inf
+                to_cancel: list[_Guard] = []
+                for guard in list(self._guards):
+                    if guard.deadline > now:
+                        wake = min(wake, guard.deadline)
+                    elif not guard.cancelled:
+                        guard.cancelled = True
+                        guard.deadline = now + self.grace
+                        to_cancel.append(guard)
+                    else:
+                        # Still blocked after the cancel request: the server
+                        # is not answering at all. Under the lock, so a call
+                        # that already finished is never touched.
+                        self._guards.discard(guard)
+                        self._sever(guard)
+                if to_cancel:
+                    self._cond.release()
+                    try:
+                        for guard in to_cancel:
+                            self._cancel(guard)
+                    finally:
+                        self._cond.acquire()
+                    continue
+                self._wake_at = wake
+                self._cond.wait(None if wake == math.inf else wake - now)
+                self._wake_at = -math.inf  # awake: every new guard must notify
+
+    def _cancel(self, guard: _Guard) -> None:
+        log.warning(
+            "PostgreSQL statement still running after %.1f s: sending a cancel request",
+            guard.limit,
+        )
+        try:
+            # cancel_safe: the request has its own timeout (a frozen server
+            # may not accept the cancel connection either).
+            guard.conn.cancel_safe(timeout=self.grace)
+        except Exception as exc:  # noqa: BLE001 - any failure: the sever step follows
+            log.warning("PostgreSQL cancel request failed: %s", _describe(exc))
+
+    @staticmethod
+    def _sever(guard: _Guard) -> None:
+        guard.severed = True
+        try:
+            fd = guard.conn.pgconn.socket
+            dup = socket.socket(fileno=os.dup(fd))
+        except (OSError, psycopg.Error):
+            return  # already closed: nothing is blocked on it
+        log.warning("PostgreSQL server not answering the cancel request: closing the connection")
+        with dup:
+            with contextlib.suppress(OSError):
+                dup.shutdown(socket.SHUT_RDWR)
+
+
+class PostgresBackend:
+    """PostgreSQL as the record store.
+
+    No I/O happens before :meth:`open`, so a bad URL is reported at
+    configuration time (:class:`~stackduck_trio._config.ConfigError`).
+
+    Args:
+        url: a ``postgresql://`` URL (or a libpq ``key=value`` string). Besides
+            libpq's own parameters the URL may carry ``schema`` and
+            ``statement_timeout`` (seconds).
+        schema: the schema holding the tables; wins over the URL's ``schema``;
+            default ``stackduck``. Created if missing.
+        pool_min, pool_max: connections the pool keeps and may open. The
+            committer uses one at a time; more help concurrent reads.
+        statement_timeout: seconds any statement may run (server side), and
+            the base of the watchdog's deadline; wins over the URL's.
+        connect_timeout: seconds to open a connection, or to wait for the pool
+            to provide one.
+        copy_threshold: batches with this many upserts or more use COPY.
+    """
+
+    kind = "postgres"
+    threaded = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        pool_min: int = 1,
+        pool_max: int = 4,
+        statement_timeout: float | None = None,
+        connect_timeout: float = 5.0,
+        copy_threshold: int = 64,
+    ) -> None:
+        libpq_url, ours = _split_url(url)
+        try:
+            params = conninfo_to_dict(libpq_url)
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"DATABASE_URL is not a valid PostgreSQL URL: {_describe(exc)}"
+            ) from None
+        # libpq checks ports only when connecting; a typo should fail at start-up.
+        if not all(p.isdigit() for p in str(params.get("port") or "").split(",") if p):
+            raise ConfigError(
+                f"DATABASE_URL is not a valid PostgreSQL URL: bad port {params['port']!r}"
+            )
+        schema = schema if schema is not None else ours.get("schema", DEFAULT_SCHEMA)
+        if not schema or schema[0].isdigit() or not set(schema) <= _SCHEMA_CHARS:
+            raise ConfigError(
+                f"schema {schema!r}: use lowercase letters, digits and _, not starting with a digit"
+            )
+        if len(schema) > 63 or schema.startswith("pg_"):
+            raise ConfigError(f"schema {schema!r}: at most 63 characters, not starting with pg_")
+        if statement_timeout is None:
+            try:
+                statement_timeout = float(ours.get("statement_timeout", "10"))
+            except ValueError:
+                raise ConfigError("DATABASE_URL: statement_timeout must be seconds") from None
+        if not (math.isfinite(statement_timeout) and statement_timeout > 0):
+            raise ConfigError("statement_timeout must be a positive number of seconds")
+        if not 1 <= pool_min <= pool_max:
+            raise ConfigError("pool sizes must satisfy 1 <= pool_min <= pool_max")
+        for key, value in _CONNECT_DEFAULTS.items():
+            params.setdefault(key, value)
+        # libpq counts whole seconds (and treats 1 as 2).
+        params.setdefault("connect_timeout", str(max(2, math.ceil(connect_timeout))))
+        self.url = url
+        self.schema = schema
+        self.pool_min = pool_min
+        self.pool_max = pool_max
+        self.statement_timeout = statement_timeout
+        self.connect_timeout = connect_timeout
+        self.copy_threshold = copy_threshold
+        #: Where the store is, for messages (never the password).
+        self.display = (
+            f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}/"
+            f"{params.get('dbname') or params.get('user') or ''} (schema {schema})"
+        )
+        self._conninfo = make_conninfo("", **params)
+        self._grace = min(2.0, max(0.25, statement_timeout / 2))
+        self._watchdog = _Watchdog(f"stackduck-pg-watchdog-{schema}", self._grace)
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._staged: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+        self._last_connect_error: str | None = None
+        self._last_connect_error_at = -math.inf
+        self._build_queries()
+
+    # -- SQL -------------------------------------------------------------------
+
+    def _build_queries(self) -> None:
+        jobs = sql.Identifier(self.schema, "jobs")
+        cols = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
+        guarded = sql.SQL(
+            " ON CONFLICT (id) DO UPDATE SET {sets} WHERE {jobs}.version < EXCLUDED.version"
+        ).format(
+            sets=sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in _COLUMNS[1:]
+            ),
+            jobs=jobs,
+        )
+        self._q_upsert = (
+            sql.SQL("INSERT INTO {jobs} ({cols}) VALUES ({values})").format(
+                jobs=jobs, cols=cols, values=sql.SQL(", ").join([sql.Placeholder()] * len(_COLUMNS))
+            )
+            + guarded
+        )
+        stage = sql.Identifier("pg_temp", _STAGE)
+        self._q_stage = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {jobs}) ON COMMIT DELETE ROWS"
+        ).format(stage=sql.Identifier(_STAGE), jobs=jobs)
+        self._q_copy = sql.SQL("COPY {stage} ({cols}) FROM STDIN (FORMAT BINARY)").format(
+            stage=stage, cols=cols
+        )
+        self._q_merge = (
+            sql.SQL("INSERT INTO {jobs} ({cols}) SELECT {cols} FROM {stage}").format(
+                jobs=jobs, cols=cols, stage=stage
+            )
+            + guarded
+        )
+        self._q_delete = sql.SQL("DELETE FROM {jobs} WHERE id = ANY(%s)").format(jobs=jobs)
+        self._q_active = sql.SQL(
+            "SELECT {cols} FROM {jobs} WHERE " + _ACTIVE_SQL + " ORDER BY seq, created_at"
+        ).format(cols=cols, jobs=jobs)
+        self._q_get = sql.SQL("SELECT {cols} FROM {jobs} WHERE id = %s").format(
+            cols=cols, jobs=jobs
+        )
+        self._q_counts = sql.SQL("SELECT status, count(*) FROM {jobs} GROUP BY status").format(
+            jobs=jobs
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Migrate the schema (under the advisory lock) and fill the pool."""
+        if self._pool is not None:
+            return
+        self._watchdog.start()
+        opened = False
+        try:
+            self._migrate()
+            pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+                self._conninfo,
+                connection_class=self._connection_class(),
+                kwargs={"autocommit": True},
+                min_size=self.pool_min,
+                max_size=self.pool_max,
+                open=False,
+                configure=self._configure,
+                check=self._check,
+                name=f"stackduck-{self.schema}",
+                timeout=self.connect_timeout,
+                # Give up a background reconnect after this long: the next
+                # request starts a fresh one at once, so the core's health
+                # backoff, not the pool's growing one, paces a long outage.
+                reconnect_timeout=max(self.connect_timeout, 5.0),
+            )
+            try:
+                pool.open(wait=True, timeout=self.connect_timeout)
+            except PoolTimeout:
+                pool.close(timeout=1.0)
+                raise StorageUnavailable(
+                    f"cannot open the PostgreSQL store at {self.display}: "
+                    f"no pooled connection within {self.connect_timeout:g} s"
+                    + self._last_error_note()
+                ) from None
+            opened = True
+        except psycopg.Error as exc:
+            raise StorageUnavailable(
+                f"cannot open the PostgreSQL store at {self.display}: {_describe(exc)}"
+            ) from exc
+        finally:
+            if not opened:
+                self._watchdog.stop()
+        self._pool = pool
+        log.info("PostgreSQL record store at %s, schema version %d", self.display, SCHEMA_VERSION)
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=self._grace)
+        self._watchdog.stop()
+
+    def interrupt(self) -> int:
+        """Cancel the statements running now (thread-safe; call from any thread).
+
+        The blocked call raises :class:`StorageUnavailable` shortly after;
+        this is what a trio task should call when it is cancelled while
+        waiting for the store's thread. Returns the number of calls affected.
+        """
+        return self._watchdog.interrupt()
+
+    def _connection_class(self) -> type[psycopg.Connection[Any]]:
+        """A Connection class that remembers why the last connect failed.
+
+        The pool retries connections in the background and reports only "no
+        connection within N s"; the reason (refused, bad password...) is what
+        an operator needs, so it is kept for :class:`StorageUnavailable`.
+        """
+        backend = weakref.proxy(self)
+
+        class _Connection(psycopg.Connection[Any]):
+            @classmethod
+            def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+                try:
+                    conn = super().connect(conninfo, **kwargs)
+                except psycopg.Error as exc:
+                    with contextlib.suppress(ReferenceError):
+                        backend._last_connect_error = _describe(exc)
+                        backend._last_connect_error_at = time.monotonic()
+                    raise
+                with contextlib.suppress(ReferenceError):
+                    backend._last_connect_error = None
+                return conn
+
+        return _Connection
+
+    def _last_error_note(self) -> str:
+        error = self._last_connect_error
+        return f" (last connection error: {error})" if error else ""
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        """Session settings of every new connection (pool ``configure`` hook)."""
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, false)",
+            (f"{math.ceil(self.statement_timeout * 1000)}ms",),
+        )
+
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        """Pool ``check`` hook: ``check_connection``, watched, draining on a dead server."""
+        try:
+            with self._watchdog.watch(conn, self.connect_timeout):
+                ConnectionPool.check_connection(conn)
+        except Exception:
+            if conn.broken and self._pool is not None:
+                # The server went away: every idle connection is dead too.
+                self._pool.drain()
+            raise
+
+    def _migrate(self) -> None:
+        """Bring the schema to :data:`SCHEMA_VERSION` (first instance wins the lock)."""
+        migrate_timeout = max(60.0, self.statement_timeout)
+        with psycopg.connect(self._conninfo, autocommit=True) as conn:
+            with self._watchdog.watch(conn, migrate_timeout + self._grace):
+                with conn.transaction():
+                    conn.execute(
+                        "SELECT set_config('statement_timeout', %s, true)",
+                        (f"{math.ceil(migrate_timeout * 1000)}ms",),
+                    )
+                    # Transaction-scoped: released by COMMIT/ROLLBACK and by a
+                    # dropped connection, so it can never leak.
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self.schema),))
+                    self._migrate_locked(conn)
+
+    def _migrate_locked(self, conn: psycopg.Connection[Any]) -> None:
+        schema = sql.Identifier(self.schema)
+        # Look before creating: IF NOT EXISTS still needs the CREATE privilege,
+        # and a least-privilege role must be able to run an up-to-date schema.
+        if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone():
+            pass
+        else:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+        has_table = conn.execute(
+            "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'schema_migrations'",
+            (self.schema,),
+        ).fetchone()
+        if not has_table:
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (version integer PRIMARY KEY, description text NOT NULL, "
+                    "applied_at timestamptz NOT NULL)"
+                ).format(sql.Identifier(self.schema, "schema_migrations"))
+            )
+        row = conn.execute(
+            sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(
+                sql.Identifier(self.schema, "schema_migrations")
+            )
+        ).fetchone()
+        current = int(row[0]) if row else 0
+        if current > SCHEMA_VERSION:
+            raise StorageUnavailable(
+                f"the PostgreSQL store at {self.display} has schema version {current}, newer "
+                f"than this server ({SCHEMA_VERSION}); upgrade Stackduck"
+            )
+        jobs = sql.Identifier(self.schema, "jobs")
+        for version, description, statements in _MIGRATIONS:
+            if version <= current:
+                continue
+            for statement in statements:
+                conn.execute(sql.SQL(statement).format(jobs=jobs))
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (version, description, applied_at) VALUES (%s, %s, %s)"
+                ).format(sql.Identifier(self.schema, "schema_migrations")),
+                (version, description, datetime.datetime.now(datetime.UTC)),
+            )
+            log.info("PostgreSQL schema %s migrated to version %d", self.schema, version)
+
+    def _acquire(
+        self, pool: ConnectionPool[psycopg.Connection[Any]], what: str
+    ) -> psycopg.Connection[Any]:
+        """A checked connection from the pool within ``connect_timeout``.
+
+        The pool connects in the background and, while it cannot, only says
+        "no connection within N s". Waiting in short slices lets a call give
+        up as soon as a connection attempt has been refused, instead of
+        holding the committer for the whole timeout on every retry of an
+        outage (the core's health machine paces the retries); a server that
+        is merely slow to accept still gets the full ``connect_timeout``.
+        """
+        start = time.monotonic()
+        deadline = start + self.connect_timeout
+        while True:
+            try:
+                return pool.getconn(timeout=max(0.01, min(_SLICE, deadline - time.monotonic())))
+            except PoolTimeout:
+                now = time.monotonic()
+                refused = (
+                    self._last_connect_error is not None
+                    and now - self._last_connect_error_at < self.connect_timeout
+                )
+                if refused or now >= deadline:
+                    raise StorageUnavailable(
+                        f"PostgreSQL {what}: no connection to {self.display} "
+                        f"(waited {now - start:.1f} s)" + self._last_error_note()
+                    ) from None
+
+    @contextlib.contextmanager
+    def _connection(
+        self, what: str, limit: float | None = None
+    ) -> Iterator[tuple[psycopg.Connection[Any], _Guard]]:
+        """A pooled connection, watched; psycopg errors become StorageUnavailable."""
+        pool = self._pool
+        if pool is None:
+            raise StorageUnavailable("the PostgreSQL store is not open")
+        try:
+            conn = self._acquire(pool, what)
+        except psycopg.Error as exc:  # PoolClosed: closed under our feet
+            raise StorageUnavailable(f"PostgreSQL {what}: {_describe(exc)}") from exc
+        try:
+            with self._watchdog.watch(
+                conn, (limit or self.statement_timeout) + self._grace
+            ) as guard:
+                try:
+                    yield conn, guard
+                except psycopg.Error as exc:
+                    if guard.severed or guard.cancelled:
+                        reason = (
+                            f"no answer within {guard.limit:g} s; the statement was cancelled "
+                            f"by the client ({_describe(exc)})"
+                        )
+                    else:
+                        reason = _describe(exc)
+                    if conn.broken or getattr(exc, "sqlstate", None) == _READ_ONLY:
+                        # The server restarted (the idle connections are dead too),
+                        # or a failover left us on a read-only standby: reconnect
+                        # all, re-resolving the host name.
+                        pool.drain()
+                    raise StorageUnavailable(f"PostgreSQL {what} failed: {reason}") from exc
+        finally:
+            pool.putconn(conn)
+
+    # -- the Backend protocol ----------------------------------------------------
+
+    def commit(self, batch: Batch) -> None:
+        """Write one batch in one transaction: guarded upserts, then deletes."""
+        latest: dict[str, Job] = {}
+        for job in batch.upserts:
+            # One statement cannot touch a row twice (ON CONFLICT): keep the
+            # newest version of each job, as the version guard would.
+            old = latest.get(job.id)
+            if old is None or job.version >= old.version:
+                latest[job.id] = job
+        # A stable order of row locks: concurrent writers cannot deadlock.
+        rows = [_row(latest[key]) for key in sorted(latest)]
+        deletes = sorted({_clean(job_id) for job_id in batch.deletes})
+        if not rows and not deletes:
+            # Nothing to write, but still a round trip (the pool's check), as
+            # SQLite's empty transaction is: an empty commit is a health probe.
+            with self._connection("probe"):
+                return
+        with self._connection("commit") as (conn, guard):
+            if (len(rows), bool(deletes)) in ((1, False), (0, True)):
+                # One statement is a transaction of its own (autocommit): the
+                # common group commit of a lone write costs one round trip and
+                # half the client CPU of a pipelined transaction.
+                if rows:
+                    conn.execute(self._q_upsert, rows[0])
+                else:
+                    conn.execute(self._q_delete, (deletes,))
+                return
+            if len(rows) < self.copy_threshold:
+                # Pipelined: BEGIN, the upserts, the deletes and COMMIT travel
+                # together, one round trip however far away the server is.
+                with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                    if rows:
+                        cur.executemany(self._q_upsert, rows)
+                    if deletes:
+                        cur.execute(self._q_delete, (deletes,))
+                return
+            if conn not in self._staged:
+                # Outside the transaction: a rollback would undo the CREATE.
+                conn.execute(self._q_stage)
+                self._staged.add(conn)
+            # COPY cannot be pipelined; each statement gets a full window.
+            with conn.transaction(), conn.cursor() as cur:
+                with cur.copy(self._q_copy) as copy:
+                    copy.set_types(_COPY_TYPES)
+                    for row in rows:
+                        copy.write_row(row)
+                self._watchdog.renew(guard)
+                cur.execute(self._q_merge)
+                if deletes:
+                    self._watchdog.renew(guard)
+                    cur.execute(self._q_delete, (deletes,))
+                self._watchdog.renew(guard)  # and COMMIT
+
+    def load_active(self) -> list[Job]:
+        """The rows the queue must hold after a restart, in queue order."""
+        # A start-up read of possibly many rows: a longer limit than one write.
+        limit = max(60.0, self.statement_timeout)
+        with self._connection("load", limit) as (conn, _guard):
+            with conn.transaction():
+                conn.execute(
+                    "SELECT set_config('statement_timeout', %s, true)",
+                    (f"{math.ceil(limit * 1000)}ms",),
+                )
+                rows = conn.execute(self._q_active).fetchall()
+        return [row_to_job(row) for row in rows]
+
+    def get(self, job_id: str) -> Job | None:
+        if "\x00" in job_id:
+            # No stored id has one (ids are ours); PostgreSQL would refuse it.
+            if self._pool is None:
+                raise StorageUnavailable("the PostgreSQL store is not open")
+            return None
+        with self._connection("read") as (conn, _guard):
+            row = conn.execute(self._q_get, (job_id,)).fetchone()
+        return None if row is None else row_to_job(row)
+
+    def counts(self) -> dict[str, int]:
+        with self._connection("count") as (conn, _guard):
+            rows: Sequence[tuple[str, int]] = conn.execute(self._q_counts).fetchall()
+        return {status: int(n) for status, n in rows}
