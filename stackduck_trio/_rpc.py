@@ -500,6 +500,14 @@ class _GrpcServerProtocol(GRPCConnection):  # type: ignore[misc]
 
     def __init__(self, max_message_size: int) -> None:
         super().__init__(GRPCConfiguration(client_side=False, max_message_length=max_message_size))
+        # h2 treats a header value with surrounding whitespace (e.g. a client
+        # sending "authorization: Bearer ") as a connection error and sends
+        # GOAWAY, killing every other call of that connection -- a worker's
+        # job stream included. RFC 9113 section 8.2.1 allows a stream error
+        # instead. Header values are checked where they are used (the method
+        # path, content-type, grpc-timeout and the auth hook), so h2's own
+        # inbound header validation is turned off.
+        self.h2_connection.config.validate_inbound_headers = False
         # Flow-controlled bytes received per stream but not yet acknowledged.
         self._unacked: dict[int, int] = {}
 

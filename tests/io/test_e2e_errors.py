@@ -396,6 +396,7 @@ def auth_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.param([("authorization", "Bearer c")], id="wrong-token"),
         pytest.param([("authorization", "Basic a")], id="wrong-scheme"),
         pytest.param([("authorization", "Bearer")], id="empty-token"),
+        pytest.param([("authorization", "Bearer ")], id="trailing-space"),
         pytest.param([("authorization", "a")], id="token-without-scheme"),
         pytest.param([("x-api-key", "a")], id="other-header"),
     ],
@@ -442,24 +443,16 @@ def test_server_without_tokens_ignores_authorization_metadata(address: str) -> N
         assert client.get(job_id).status == "queued"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server limitation (h2): a header value with trailing whitespace (e.g. "
-    "'authorization: Bearer ') is a connection-level PROTOCOL_ERROR: the server sends GOAWAY "
-    "and every other call of that connection dies with UNAVAILABLE, instead of that one call "
-    "failing (RFC 9113 8.2.1 allows treating it as a stream error)",
-)
 def test_malformed_header_value_fails_only_its_own_call(address: str) -> None:
     with open_client(address) as client:
         job_type = new_type()
         with client.stream([job_type]) as worker:
             worker.wait_attached()
-            call_error(
-                lambda: client.GetStats(
-                    pb.GetStatsRequest(), metadata=[("authorization", "Bearer ")]
-                )
-            )
-            # the worker's stream on the same connection is unaffected (today it ends with
-            # UNAVAILABLE: "GOAWAY received")
+            # h2 calls a value with surrounding whitespace a connection error; the server
+            # checks headers where it uses them instead, so this call is answered normally
+            # (no tokens configured here)...
+            client.GetStats(pb.GetStatsRequest(), metadata=[("authorization", "Bearer ")])
+            # ...and the worker's stream on the same connection is unaffected (it used to
+            # end with UNAVAILABLE: "GOAWAY received")
             job_id = client.enqueue(job_type)
             assert worker.next_job().id == job_id
