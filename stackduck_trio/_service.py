@@ -193,26 +193,19 @@ class StackDuckService:
         return pb.CompleteJobResponse(success=True)
 
     async def FailJob(self, request: pb.FailJobRequest, ctx: CallContext) -> pb.FailJobResponse:
-        _require_id(request.job_id)
-        job = _raise_for(
-            await self._call(
-                self.broker.fail(
-                    request.job_id, _lease_or_none(request.lease_id), request.error_message
-                )
-            )
-        )
+        job = await self._fail(request)
         return pb.FailJobResponse(success=True, status=job.status.value)
 
     async def RetryJob(self, request: pb.RetryJobRequest, ctx: CallContext) -> pb.RetryJobResponse:
-        _require_id(request.job_id)
-        job = _raise_for(
-            await self._call(
-                self.broker.fail(
-                    request.job_id, _lease_or_none(request.lease_id), request.error_message
-                )
-            )
-        )
+        # The original's "internal" retry endpoint: the same rule as FailJob.
+        job = await self._fail(request)
         return pb.RetryJobResponse(success=True, status=job.status.value)
+
+    async def _fail(self, request: pb.FailJobRequest | pb.RetryJobRequest) -> Job:
+        _require_id(request.job_id)
+        lease_id = _lease_or_none(request.lease_id)
+        failed = self.broker.fail(request.job_id, lease_id, request.error_message)
+        return _raise_for(await self._call(failed))
 
     async def DequeueJob(
         self, request: pb.DequeueJobRequest, ctx: CallContext
