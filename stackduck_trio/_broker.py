@@ -26,7 +26,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import uuid
+import os
+import random
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -81,9 +82,18 @@ class AckRequest(NamedTuple):
     release: bool = False
 
 
+# Ids only need to be unique, not secret: a lease id is a fencing token
+# against stale workers, not a credential (the API's bearer tokens are). A
+# Mersenne Twister seeded from the OS per process is three times cheaper than
+# uuid4() (one getrandom syscall per id), which showed up at ~30% of server
+# CPU in batch-enqueue profiles.
+_ids = random.Random(os.urandom(32))
+
+
 def new_id() -> str:
-    """A fresh job or lease id."""
-    return str(uuid.uuid4())
+    """A fresh job or lease id, formatted as a version-4 UUID."""
+    h = f"{_ids.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 class Broker:

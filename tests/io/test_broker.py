@@ -186,3 +186,15 @@ async def test_shutdown_requeues_running_jobs_without_a_poison_count(
     again = h.broker.core.get(job.id)
     assert again is not None and again.status is Status.QUEUED
     assert again.lost_leases == 0  # the server left; the job did nothing wrong
+
+
+def test_ids_are_unique_version_4_uuids() -> None:
+    import uuid
+
+    from stackduck_trio._broker import new_id
+
+    ids = [new_id() for _ in range(50_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:2_000]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)

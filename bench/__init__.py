@@ -1,0 +1,1 @@
+"""Stackduck benchmark suite: ``python -m bench.run --help`` (see bench/README.md)."""
