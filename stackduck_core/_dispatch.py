@@ -224,9 +224,9 @@ class Dispatcher:
             job_id: the job.
             lease_id: the lease that ended.
             shrink: the holder gave the job back unstarted, which a worker does
-                when it winds down: its prefetch shrinks by one instead of its
-                credit growing, so a stopping worker is not sent the job again
-                (and again) while it finishes the others.
+                when it winds down: its prefetch shrinks to what it still holds
+                (no credit), so a stopping worker is not sent the job again (and
+                again) while it finishes the others.
 
         Returns:
             The stream that held it, or ``None`` if no attached stream held
@@ -238,7 +238,10 @@ class Dispatcher:
         stream = self._streams[sid]
         del stream.held[job_id]
         if shrink:
-            stream.prefetch -= 1
+            was_waiting = stream.credit > 0
+            stream.prefetch = len(stream.held)
+            if was_waiting:
+                self._leave_rings(stream)
         elif stream.credit == 1:
             self._join_rings(stream)
         return sid

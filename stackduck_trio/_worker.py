@@ -15,11 +15,15 @@ Theory of operation
 ===================
 
 One ``ConsumeJobs`` stream per connection, subscribed to the handler table's job
-types, with ``prefetch = concurrency``: the server never pushes more un-acked
-jobs than the worker can run. Each delivered job runs in its own task (in the
-worker's job nursery) under a ``CapacityLimiter(concurrency)``, which also
-bounds jobs of a lost connection that are still running while a new stream
-is filling up. The receive loop never waits for a free slot, so it keeps
+types, with a ``prefetch`` (default ``max(4 * concurrency, 32)``): the server
+never pushes more un-acked jobs than that, and a small buffer of delivered jobs
+keeps the handlers busy while acks travel -- with ``prefetch = concurrency`` the
+server and the worker take turns (measured: 2.3-2.7x less drain throughput).
+Each delivered job runs in its own task (in the worker's job nursery) under a
+``CapacityLimiter(concurrency)``, which also bounds jobs of a lost connection
+that are still running while a new stream is filling up. A buffered job's lease
+is extended like a running one's; on :meth:`Worker.stop` the buffered jobs are
+released (given back unstarted) instead of run. The receive loop never waits for a free slot, so it keeps
 reading heartbeats and notices a dead server even when every slot is busy.
 
 Outcomes. A handler that returns completes its job; one that raises fails it
@@ -261,13 +265,16 @@ class Worker:
         handlers: Job type -> handler. An ``async def handler(job: JobInfo) -> None``
             runs in the trio loop; a plain function runs in a worker thread. Only
             these job types are requested from the server.
-        concurrency: Handlers running at once; also the stream's prefetch (1..1000).
+        concurrency: Handlers running at once (1..1000).
+        prefetch: Un-acked jobs the server may push on the stream (1..1000; default
+            ``max(4 * concurrency, 32)``, at most 1000); those beyond ``concurrency``
+            wait here, their leases kept alive.
         lease_seconds: Lease of each delivery (1..86400; default: the server's setting).
             Long jobs are kept alive by extending the lease every third of it.
         token: Bearer token.
         tls: As for :meth:`Client.connect`.
         worker_id: Shown in job records (default ``host:pid:random``).
-        ack_batch_size: Most acks per ``AckJobs`` call (default: ``concurrency``).
+        ack_batch_size: Most acks per ``AckJobs`` call (default: ``prefetch``).
         ack_flush_interval: Longest wait for more acks before a batch leaves, seconds.
         grace_period: On :meth:`stop`, how long running handlers may take to finish.
         stream_idle_timeout: Silence on the job stream after which the server is presumed
@@ -278,7 +285,7 @@ class Worker:
         flush_timeout: Longest last flush of acks when :meth:`run` is cancelled.
 
     Raises:
-        ValueError: No handlers, or ``concurrency`` out of range.
+        ValueError: No handlers, or ``concurrency``/``prefetch`` out of range.
     """
 
     def __init__(
@@ -287,6 +294,7 @@ class Worker:
         handlers: Mapping[str, Handler],
         *,
         concurrency: int = 10,
+        prefetch: int | None = None,
         lease_seconds: int | None = None,
         token: str | None = None,
         tls: bool | ssl.SSLContext | None = None,
@@ -304,19 +312,24 @@ class Worker:
             raise ValueError("a worker needs at least one handler")
         if not 1 <= concurrency <= 1000:
             raise ValueError("concurrency must be between 1 and 1000")
+        if prefetch is None:
+            prefetch = min(max(4 * concurrency, 32), 1000)
+        if not 1 <= prefetch <= 1000:
+            raise ValueError("prefetch must be between 1 and 1000")
         if lease_seconds is not None and not 1 <= lease_seconds <= 86400:
             raise ValueError("lease_seconds must be between 1 and 86400")
         self.address = address
         self._handlers = dict(handlers)
         self._async = {name: _is_async(h) for name, h in self._handlers.items()}
         self.concurrency = concurrency
+        self.prefetch = prefetch
         self.lease_seconds = lease_seconds
         self._token = token
         self._tls = tls
         self.worker_id = worker_id or (
             f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
         )
-        self.ack_batch_size = ack_batch_size or min(concurrency, 1000)
+        self.ack_batch_size = ack_batch_size or prefetch
         self.ack_flush_interval = ack_flush_interval
         self.grace_period = grace_period
         self.stream_idle_timeout = stream_idle_timeout
@@ -432,7 +445,7 @@ class Worker:
                 stream = client.consume(
                     job_types,
                     worker_id=self.worker_id,
-                    prefetch=self.concurrency,
+                    prefetch=self.prefetch,
                     lease_seconds=self.lease_seconds,
                 )
                 try:
@@ -528,14 +541,18 @@ class Worker:
         try:
             with trio.CancelScope() as scope:
                 self._job_scopes.add(scope)
+                # Kept alive from delivery on: a job may wait here for a free slot.
+                keeper.add(job, self._lease_length(job))
                 try:
                     async with self._limiter:
-                        keeper.add(job, self._lease_length(job))
-                        try:
-                            error = await self._run_handler(job)
-                        finally:
-                            keeper.remove(job)
+                        if self._stopping:
+                            # Still waiting when stop() came: give it back unstarted.
+                            self._counters.released += 1
+                            ack = Ack(job.id, job.lease_id, release=True)
+                            return
+                        error = await self._run_handler(job)
                 finally:
+                    keeper.remove(job)
                     self._job_scopes.discard(scope)
                 if error is None:
                     self._counters.processed += 1

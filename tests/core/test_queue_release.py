@@ -163,7 +163,7 @@ def test_heartbeats_keep_the_lease_heap_bounded() -> None:
     assert isinstance(h.core.get(running.id), Job)
 
 
-def test_a_release_shrinks_the_streams_prefetch_instead_of_refilling_it() -> None:
+def test_a_release_shrinks_the_streams_prefetch_to_what_it_holds() -> None:
     h = Harness()
     jobs = [h.enqueue() for _ in range(4)]
     h.core.attach(1, worker_id="w", job_types=["t"], prefetch=2)
@@ -175,6 +175,13 @@ def test_a_release_shrinks_the_streams_prefetch_instead_of_refilling_it() -> Non
     assert h.core.dispatch(now=h.now) == []
     info = h.core.dispatcher.stream(1)
     assert info is not None and (info.prefetch, info.in_flight) == (1, 1)
+    # even with more credit than held jobs, a release stops the stream's deliveries
+    h.core.attach(2, worker_id="w2", job_types=["t"], prefetch=10)
+    (to_two,) = [d for d in h.core.dispatch(now=h.now) if d.stream_id == 2][:1]
+    expect_job(h.core.release(to_two.job.id, lease_id=to_two.job.lease_id, now=h.now))
+    two = h.core.dispatcher.stream(2)
+    assert two is not None and two.prefetch == two.in_flight
+    h.core.detach(2, now=h.now)
     # finishing job 0 frees its one remaining slot as usual
     expect_job(h.core.complete(jobs[0].id, lease_id=first[0].job.lease_id, now=h.now))
     (again,) = h.core.dispatch(now=h.now)

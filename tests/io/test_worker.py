@@ -151,7 +151,7 @@ async def test_concurrency_and_prefetch_are_respected(address: str) -> None:
         await trio.sleep(0.05)
         running -= 1
 
-    worker = make_worker(address, {"c": job}, concurrency=3)
+    worker = make_worker(address, {"c": job}, concurrency=3, prefetch=3)
     with trio.fail_after(10):
         async with Client.connect(address) as client, trio.open_nursery() as nursery:
             await client.enqueue_many([{"job_type": "c"}] * 15)
@@ -378,3 +378,35 @@ async def test_notices_hung_server_by_missing_heartbeats(server_process: ServerP
         f"\nhung (SIGSTOPped) server noticed after {noticed * 1000:.0f} ms (idle timeout {IDLE} s)"
     )
     assert IDLE * 0.9 <= noticed < IDLE + 2.0
+
+
+async def test_default_prefetch_buffers_beyond_concurrency_and_releases_on_stop(
+    address: str,
+) -> None:
+    """prefetch = 4 x concurrency: jobs wait here with live leases; stop() gives them back."""
+    started = trio.Event()
+    gate = trio.Event()
+
+    async def slow(job: JobInfo) -> None:
+        started.set()
+        await gate.wait()
+
+    worker = make_worker(address, {"buffered": slow}, concurrency=2)
+    assert worker.prefetch == 32
+    with trio.fail_after(15):
+        async with Client.connect(address) as client, trio.open_nursery() as nursery:
+            ids = [r.job_id for r in await client.enqueue_many([{"job_type": "buffered"}] * 10)]
+            await nursery.start(worker.run)
+            await started.wait()
+            while (await client.stats()).of("buffered").running < 10:  # type: ignore[union-attr]  # noqa: ASYNC110
+                await trio.sleep(0.01)  # all 10 leased to this worker, 2 running
+            worker.stop()
+            gate.set()
+        stats = worker.statistics()
+        assert (stats.processed, stats.released) == (2, 8)
+        async with Client.connect(address) as client:
+            states = [await client.get(job_id) for job_id in ids]
+    done = [s for s in states if s.status == "completed"]
+    back = [s for s in states if s.status == "queued"]
+    assert len(done) == 2 and len(back) == 8
+    assert all(s.attempt == 0 for s in back)  # released: no attempt used
