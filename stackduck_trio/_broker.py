@@ -18,7 +18,12 @@ Order of durability:
   if the store is slow the write stays queued (and is retried), and the
   client is told UNAVAILABLE after ``write_timeout``;
 * deliveries (status ``running``) are written without waiting: after a crash
-  a running job is requeued anyway.
+  a running job is requeued anyway;
+* a pause or resume is written to the store first (on the store's thread,
+  not through the group committer: it is no job row) and changes the core
+  only once the store has it, so the answer always means "durable", and a
+  failed write (UNAVAILABLE) changes nothing. Pauses and resumes are
+  serialized so the store and the core see them in the same order.
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ class Broker:
         self._timer_wakeup = trio.Event()
         self._timer_target = math.inf
         self._idle = trio.Event()
+        self._pause_lock = trio.Lock()
         self.draining = False
 
     # -- plumbing --------------------------------------------------------------
@@ -404,12 +410,33 @@ class Broker:
             return Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
         return result
 
-    def pause(self, job_type: str) -> None:
-        self.core.pause(job_type)
+    async def pause(self, job_type: str) -> None:
+        """Stop delivering ``job_type``; returns once the pause is durable."""
+        async with self._pause_lock:
+            await self._store_paused(job_type, paused=True)
+            self.core.pause(job_type)
 
-    def resume(self, job_type: str) -> None:
-        self.core.resume(job_type)
+    async def resume(self, job_type: str) -> None:
+        """Deliver ``job_type`` again; returns once the resume is durable."""
+        async with self._pause_lock:
+            await self._store_paused(job_type, paused=False)
+            self.core.resume(job_type)
         self.changed()
+
+    async def _store_paused(self, job_type: str, *, paused: bool) -> None:
+        # Store first, then the core (see the module docstring); the callers
+        # hold the pause lock across both, so concurrent pauses and resumes
+        # reach the store and the core in the same order.
+        backend = self.committer.backend
+        try:
+            await self.committer.run_blocking(lambda: backend.set_paused(job_type, paused))
+        except StorageUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    def restore_paused(self, job_types: Sequence[str]) -> None:
+        """Re-apply the stored pauses at start, before anything is delivered."""
+        for job_type in job_types:
+            self.core.pause(job_type)
 
     def statistics(self) -> QueueStats:
         return self.core.statistics()

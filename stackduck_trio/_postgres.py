@@ -100,7 +100,7 @@ from ._store import _COLUMNS, ACTIVE_STATUSES, Batch, StorageUnavailable, row_to
 log = logging.getLogger("stackduck.store.postgres")
 
 #: The newest schema version this code knows; see :data:`_MIGRATIONS`.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DEFAULT_SCHEMA: Final = "stackduck"
 
 # Column types, used by COPY's binary format (which needs exact types).
@@ -142,7 +142,8 @@ if {s.value for s in ACTIVE_STATUSES} != {"scheduled", "queued", "running", "fai
     raise RuntimeError("ACTIVE_STATUSES changed: add a migration for the jobs_active index")
 
 # Migrations: (version, description, statements). Never edit a released one;
-# append a new version. ``{jobs}`` is the schema-qualified jobs table.
+# append a new version. ``{jobs}`` is the schema-qualified jobs table,
+# ``{paused}`` the schema-qualified paused_types table.
 _MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
     (
         1,
@@ -180,6 +181,11 @@ _MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
             # counts(): GROUP BY status as an index-only scan.
             "CREATE INDEX jobs_status ON {jobs} (status)",
         ),
+    ),
+    (
+        2,
+        "paused_types table (pauses survive restarts)",
+        ("CREATE TABLE {paused} (job_type text PRIMARY KEY, paused_at double precision)",),
     ),
 )
 assert _MIGRATIONS[-1][0] == SCHEMA_VERSION
@@ -520,6 +526,16 @@ class PostgresBackend:
         self._q_counts = sql.SQL("SELECT status, count(*) FROM {jobs} GROUP BY status").format(
             jobs=jobs
         )
+        paused = sql.Identifier(self.schema, "paused_types")
+        # Pausing twice keeps the first pause's time; resuming twice deletes nothing.
+        self._q_pause = sql.SQL(
+            "INSERT INTO {paused} (job_type, paused_at) VALUES (%s, %s) "
+            "ON CONFLICT (job_type) DO NOTHING"
+        ).format(paused=paused)
+        self._q_resume = sql.SQL("DELETE FROM {paused} WHERE job_type = %s").format(paused=paused)
+        self._q_paused = sql.SQL("SELECT job_type FROM {paused} ORDER BY job_type").format(
+            paused=paused
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -675,11 +691,12 @@ class PostgresBackend:
                 f"than this server ({SCHEMA_VERSION}); upgrade Stackduck"
             )
         jobs = sql.Identifier(self.schema, "jobs")
+        paused = sql.Identifier(self.schema, "paused_types")
         for version, description, statements in _MIGRATIONS:
             if version <= current:
                 continue
             for statement in statements:
-                conn.execute(sql.SQL(statement).format(jobs=jobs))
+                conn.execute(sql.SQL(statement).format(jobs=jobs, paused=paused))
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (version, description, applied_at) VALUES (%s, %s, %s)"
@@ -834,3 +851,18 @@ class PostgresBackend:
         with self._connection("count") as (conn, _guard):
             rows: Sequence[tuple[str, int]] = conn.execute(self._q_counts).fetchall()
         return {status: int(n) for status, n in rows}
+
+    def set_paused(self, job_type: str, paused: bool) -> None:
+        """Record a pause (or its end) of ``job_type``: one autocommit statement."""
+        job_type = _clean(job_type)  # job types are validated; never store a NUL
+        with self._connection("pause" if paused else "resume") as (conn, _guard):
+            if paused:
+                conn.execute(self._q_pause, (job_type, time.time()))
+            else:
+                conn.execute(self._q_resume, (job_type,))
+
+    def load_paused(self) -> list[str]:
+        """The paused job types, sorted."""
+        with self._connection("load paused") as (conn, _guard):
+            rows: Sequence[tuple[str]] = conn.execute(self._q_paused).fetchall()
+        return [job_type for (job_type,) in rows]

@@ -115,13 +115,18 @@ async def serve(
     try:
         async with trio.open_nursery() as root:
             await root.start(committer.run)
+            # Pauses first: nothing may be delivered for a paused type, ever.
+            paused = await committer.run_blocking(backend.load_paused)
+            broker.restore_paused(paused)
             jobs = await committer.run_blocking(backend.load_active)
             requeued = broker.restore(jobs)
             log.info(
-                "record store %s: %d active jobs restored, %d running jobs requeued",
+                "record store %s: %d active jobs restored, %d running jobs requeued, "
+                "%d job types paused",
                 backend.kind,
                 len(jobs),
                 requeued,
+                len(paused),
             )
             async with trio.open_nursery() as services:
                 await services.start(broker.run_timer)

@@ -388,14 +388,14 @@ class StackDuckService:
         self, request: pb.PauseJobTypeRequest, ctx: CallContext
     ) -> pb.PauseJobTypeResponse:
         _check_type(request.job_type, self.broker.core.limits)
-        self.broker.pause(request.job_type)
+        await self._call(self.broker.pause(request.job_type))
         return pb.PauseJobTypeResponse(paused=True)
 
     async def ResumeJobType(
         self, request: pb.ResumeJobTypeRequest, ctx: CallContext
     ) -> pb.ResumeJobTypeResponse:
         _check_type(request.job_type, self.broker.core.limits)
-        self.broker.resume(request.job_type)
+        await self._call(self.broker.resume(request.job_type))
         return pb.ResumeJobTypeResponse(paused=False)
 
     # -- helpers ---------------------------------------------------------------------

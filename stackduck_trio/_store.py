@@ -5,7 +5,9 @@ Two pieces:
 * a *backend* does blocking I/O in a worker thread: :class:`SqliteBackend`
   (the embedded default) or :class:`MemoryBackend` (nothing persisted, for
   tests and throw-away servers); PostgreSQL joins them later with the same
-  three methods;
+  methods. Besides job rows a backend keeps the paused job types
+  (:meth:`Backend.set_paused`, :meth:`Backend.load_paused`), so a pause
+  survives a restart;
 * :class:`GroupCommitter`, the single writer: requests append their changed
   records synchronously (so the order of writes is the order of the core's
   decisions), and one task commits everything pending as one transaction,
@@ -26,6 +28,7 @@ import functools
 import logging
 import pathlib
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Final, Protocol, TypeVar
 
@@ -111,6 +114,13 @@ class Backend(Protocol):
     def load_active(self) -> list[Job]: ...
     def get(self, job_id: str) -> Job | None: ...
     def counts(self) -> dict[str, int]: ...
+    def set_paused(self, job_type: str, paused: bool) -> None:
+        """Record that ``job_type`` is (or is no longer) paused; idempotent."""
+        ...
+
+    def load_paused(self) -> list[str]:
+        """The paused job types, sorted."""
+        ...
 
 
 class SqliteBackend:
@@ -118,11 +128,13 @@ class SqliteBackend:
 
     ``synchronous=FULL`` (the default) makes a committed batch survive an OS
     crash too; ``NORMAL`` survives process crashes (``kill -9``) only, for
-    speed. The schema is versioned with ``PRAGMA user_version``.
+    speed. The schema is versioned with ``PRAGMA user_version``: version 1
+    is the jobs table, version 2 adds ``paused_types``; an older file is
+    migrated when it is opened.
     """
 
     kind = "sqlite"
-    SCHEMA_VERSION: Final = 1
+    SCHEMA_VERSION: Final = 2
 
     def __init__(self, path: pathlib.Path | str, *, synchronous: str = "FULL") -> None:
         self.path = str(path)
@@ -164,6 +176,21 @@ class SqliteBackend:
                 f"{self.path} has schema version {version}, newer than this server "
                 f"({self.SCHEMA_VERSION}); upgrade Stackduck"
             )
+        try:
+            self._migrate(db, version)
+        except BaseException:
+            db.close()  # also rolls back a half-applied migration
+            raise
+        self._db = db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, version: int) -> None:
+        """Bring a database at schema ``version`` to :attr:`SCHEMA_VERSION`.
+
+        Each step is one transaction that also sets ``user_version``, so a
+        crash mid-way leaves the file at the previous version, to be
+        migrated again on the next open. Never edit a released step.
+        """
         if version < 1:
             db.executescript(
                 """
@@ -198,7 +225,18 @@ class SqliteBackend:
                 COMMIT;
                 """
             )
-        self._db = db
+        if version < 2:
+            db.executescript(
+                """
+                BEGIN;
+                CREATE TABLE IF NOT EXISTS paused_types (
+                    job_type TEXT PRIMARY KEY,
+                    paused_at REAL
+                );
+                PRAGMA user_version = 2;
+                COMMIT;
+                """
+            )
 
     def _lock_directory(self, directory: pathlib.Path) -> None:
         # Two servers on one data directory would both restore and deliver the
@@ -269,6 +307,29 @@ class SqliteBackend:
             for status, n in self._read("SELECT status, count(*) FROM jobs GROUP BY status")
         }
 
+    def set_paused(self, job_type: str, paused: bool) -> None:
+        db = self.db
+        try:
+            if paused:
+                # Keep the first pause's time: pausing twice changes nothing.
+                db.execute(
+                    "INSERT INTO paused_types (job_type, paused_at) VALUES (?, ?) "
+                    "ON CONFLICT(job_type) DO NOTHING",
+                    (job_type, time.time()),
+                )
+            else:
+                db.execute("DELETE FROM paused_types WHERE job_type = ?", (job_type,))
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise StorageUnavailable(f"SQLite write failed: {exc}") from exc
+
+    def load_paused(self) -> list[str]:
+        return [
+            str(t) for (t,) in self._read("SELECT job_type FROM paused_types ORDER BY job_type")
+        ]
+
 
 class MemoryBackend:
     """A record store that keeps rows in a dict: nothing survives the process."""
@@ -278,6 +339,7 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self.rows: dict[str, Job] = {}
+        self.paused: set[str] = set()
         self.fail_next = 0  # tests: number of commits to fail
 
     def open(self) -> None:
@@ -311,6 +373,15 @@ class MemoryBackend:
         for job in self.rows.values():
             out[job.status.value] = out.get(job.status.value, 0) + 1
         return out
+
+    def set_paused(self, job_type: str, paused: bool) -> None:
+        if paused:
+            self.paused.add(job_type)
+        else:
+            self.paused.discard(job_type)
+
+    def load_paused(self) -> list[str]:
+        return sorted(self.paused)
 
 
 class _Pending:

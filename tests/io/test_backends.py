@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import attrs
 import psycopg
@@ -39,6 +41,7 @@ from stackduck_trio._store import (
     MemoryBackend,
     SqliteBackend,
     StorageUnavailable,
+    job_to_row,
 )
 
 SHARED_DATABASE_URL = os.environ.get(
@@ -308,9 +311,36 @@ def test_errors_become_storage_unavailable(backend: Backend) -> None:
     backend.close()
     with pytest.raises(StorageUnavailable, match="not open"):
         backend.commit(Batch([make_job(1)], ()))
-    for call in (backend.load_active, backend.counts, lambda: backend.get("job-1")):
+    for call in (
+        backend.load_active,
+        backend.counts,
+        lambda: backend.get("job-1"),
+        lambda: backend.set_paused("t", True),
+        lambda: backend.set_paused("t", False),
+        backend.load_paused,
+    ):
         with pytest.raises(StorageUnavailable, match="not open"):
             call()
+
+
+def test_paused_types_round_trip(backend: Backend, reopen: Callable[[Backend], Backend]) -> None:
+    assert backend.load_paused() == []
+    backend.set_paused("img", True)
+    backend.set_paused("img", True)  # idempotent
+    backend.set_paused("a.b:c-1", True)
+    assert backend.load_paused() == ["a.b:c-1", "img"]
+    backend.set_paused("img", False)
+    backend.set_paused("img", False)  # idempotent
+    backend.set_paused("never-paused", False)  # resuming an unpaused type is fine
+    assert backend.load_paused() == ["a.b:c-1"]
+    backend.set_paused("img", True)
+    backend.commit(Batch([make_job(1, job_type="img")], ()))  # pauses and jobs are independent
+    again = reopen(backend)
+    if isinstance(again, MemoryBackend):
+        assert again.load_paused() == []  # documented: nothing survives the object
+    else:
+        assert again.load_paused() == ["a.b:c-1", "img"]
+        assert again.get("job-1") == make_job(1, job_type="img")
 
 
 async def test_group_committer_batches_concurrent_writes(backend: Backend) -> None:
@@ -336,6 +366,78 @@ async def test_group_committer_batches_concurrent_writes(backend: Backend) -> No
     assert stats.batches < n  # concurrent writes shared transactions
     got = await committer.run_blocking(backend.counts)
     assert got == {"queued": n}
+
+
+# -- SQLite only ------------------------------------------------------------------------------
+
+# Schema version 1, as released (before paused_types): the jobs table and its index.
+_SQLITE_V1 = """
+BEGIN;
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    job_type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    max_retries INTEGER NOT NULL,
+    delay INTEGER NOT NULL,
+    scheduled_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    retry_count INTEGER NOT NULL,
+    error_message TEXT NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    seq INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    lost_leases INTEGER NOT NULL,
+    lease_id TEXT,
+    lease_expires_at REAL,
+    worker_id TEXT,
+    version INTEGER NOT NULL
+);
+CREATE INDEX jobs_active ON jobs (status)
+    WHERE status IN ('scheduled', 'queued', 'running', 'failed');
+PRAGMA user_version = 1;
+COMMIT;
+"""
+
+
+def test_sqlite_version_1_file_is_migrated_on_open_and_keeps_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "stackduck.db"
+    jobs = [make_job(1), make_job(2, status=Status.COMPLETED), make_job(3, job_type="img")]
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(_SQLITE_V1)
+    db.executemany(
+        f"INSERT INTO jobs VALUES ({', '.join('?' * len(job_to_row(jobs[0])))})",
+        [job_to_row(job) for job in jobs],
+    )
+    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert (
+        db.execute("SELECT name FROM sqlite_master WHERE name = 'paused_types'").fetchone() is None
+    )
+    db.close()
+
+    backend = SqliteBackend(path)
+    backend.open()
+    try:
+        assert backend.db.execute("PRAGMA user_version").fetchone() == (
+            SqliteBackend.SCHEMA_VERSION,
+        )
+        assert SqliteBackend.SCHEMA_VERSION == 2
+        assert backend.load_active() == [jobs[0], jobs[2]]
+        assert backend.get("job-2") == jobs[1]
+        assert backend.load_paused() == []
+        backend.set_paused("img", True)
+    finally:
+        backend.close()
+    again = SqliteBackend(path)  # a version-2 file opens as it is
+    again.open()
+    try:
+        assert again.load_paused() == ["img"]
+        assert again.counts() == {"queued": 2, "completed": 1}
+    finally:
+        again.close()
 
 
 # -- PostgreSQL only --------------------------------------------------------------------------
@@ -379,6 +481,30 @@ def test_pg_refuses_a_newer_schema(pg_schema: str) -> None:
         admin.execute(f"INSERT INTO \"{pg_schema}\".schema_migrations VALUES (99, 'future', now())")
     with pytest.raises(StorageUnavailable, match="schema version 99, newer than this server"):
         PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema).open()
+
+
+def test_pg_migrates_a_version_1_schema_and_keeps_its_jobs(pg_schema: str) -> None:
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    b.commit(Batch([make_job(1), make_job(2)], ()))
+    b.close()
+    with admin_connection() as admin:  # back to what a version-1 server left behind
+        admin.execute(f'DROP TABLE "{pg_schema}".paused_types')
+        admin.execute(f'DELETE FROM "{pg_schema}".schema_migrations WHERE version >= 2')
+    again = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    again.open()
+    try:
+        assert again.load_active() == [make_job(1), make_job(2)]
+        assert again.load_paused() == []
+        again.set_paused("t", True)
+        assert again.load_paused() == ["t"]
+    finally:
+        again.close()
+    with admin_connection() as admin:
+        rows = admin.execute(
+            f'SELECT version FROM "{pg_schema}".schema_migrations ORDER BY version'
+        ).fetchall()
+    assert [r[0] for r in rows] == [1, 2] == list(range(1, SCHEMA_VERSION + 1))
 
 
 def test_pg_indexes_serve_the_queries(pg_schema: str) -> None:

@@ -9,6 +9,7 @@ import trio.lowlevel
 
 from stackduck_core import EnqueueRequest, Job, Rejected, RejectReason, Status
 from stackduck_trio._broker import OutcomeUnknown, Unavailable
+from stackduck_trio._store import StorageUnavailable
 
 from .conftest import BrokerHarness
 
@@ -198,3 +199,38 @@ def test_ids_are_unique_version_4_uuids() -> None:
     for text in ids[:2_000]:
         parsed = uuid.UUID(text)
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+
+
+async def test_pause_and_resume_are_stored_before_they_answer(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = await enqueue(h)
+    await h.broker.pause("t")
+    assert h.backend.paused == {"t"} and h.broker.core.paused == {"t"}
+    _, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=1, lease_seconds=None)
+    with pytest.raises(trio.WouldBlock):
+        jobs.receive_nowait()
+
+    def down(job_type: str, paused: bool) -> None:
+        raise StorageUnavailable("injected failure")
+
+    # A failed write answers UNAVAILABLE and changes nothing, in the store or the core.
+    monkeypatch.setattr(h.backend, "set_paused", down)
+    with pytest.raises(Unavailable, match="injected failure"):
+        await h.broker.resume("t")
+    assert h.broker.core.paused == {"t"}
+    with pytest.raises(Unavailable):
+        await h.broker.pause("other")
+    assert h.broker.core.paused == {"t"}
+    monkeypatch.undo()
+
+    await h.broker.resume("t")
+    assert h.backend.paused == set() and h.broker.core.paused == frozenset()
+    assert jobs.receive_nowait().id == job.id
+
+
+async def test_restore_paused_applies_stored_pauses(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    h.broker.restore_paused(["t", "u"])
+    assert h.broker.core.paused == {"t", "u"}
