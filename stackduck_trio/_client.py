@@ -145,6 +145,11 @@ DEFAULT_STREAM_IDLE_TIMEOUT: Final = 6.0
 DEFAULT_PROBE_TIMEOUT: Final = 2.0
 #: Same as the server's default receive limit.
 DEFAULT_MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
+#: Defaults of the client-side enqueue batching (see :meth:`Client.enqueue`).
+DEFAULT_BATCH_MAX: Final = 500
+#: Largest ``EnqueueJobs`` request the batcher builds, in bytes: well under the
+#: server's default 4 MiB receive limit. A single larger request goes unary.
+BATCH_MAX_BYTES: Final = 1024 * 1024
 
 _SERVICE_NAME: Final = "stackduck.StackDuckService"
 _RECEIVE_SIZE: Final = 65536
@@ -1098,6 +1103,34 @@ async def _open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None)
 # ---------------------------------------------------------------------------------------------
 
 
+@attrs.define(eq=False)
+class _PendingEnqueue:
+    """One ``enqueue()`` call waiting for the batcher: the request and a one-shot slot."""
+
+    request: pb.EnqueueJobRequest
+    size: int
+    deadline: float
+    done: trio.Event = attrs.field(factory=trio.Event)
+    job_id: str = ""
+    error: ClientError | None = None
+    #: The batch could not carry it (the server has no ``EnqueueJobs``, or rejected
+    #: the batch as a whole for its size): the caller sends its own unary call.
+    go_unary: bool = False
+    #: The caller stopped waiting (cancelled or timed out): skip it if not yet sent.
+    abandoned: bool = False
+
+    def resolve(self, job_id: str = "", error: ClientError | None = None) -> None:
+        if not self.done.is_set():
+            self.job_id, self.error = job_id, error
+            self.done.set()
+
+
+def _copy_error(exc: ClientError) -> ClientError:
+    # One instance per waiting caller: an exception object raised in many tasks
+    # would collect all their tracebacks.
+    return type(exc)(exc.message)
+
+
 class Client:
     """An async Stackduck client. Create it with :meth:`Client.connect`.
 
@@ -1124,6 +1157,9 @@ class Client:
         stream_idle_timeout: float,
         probe_timeout: float,
         max_message_size: int,
+        batch_enqueue: bool = True,
+        batch_max: int = DEFAULT_BATCH_MAX,
+        batch_linger: float = 0.0,
     ) -> None:
         # Private: use Client.connect(), which owns `nursery` for the client's lifetime.
         self.address = address
@@ -1142,6 +1178,20 @@ class Client:
         self._connect_lock = trio.Lock()
         self._closed = False
         self.connections = 0
+        if batch_max < 1:
+            raise ValueError("batch_max must be at least 1")
+        if batch_linger < 0:
+            raise ValueError("batch_linger must be >= 0")
+        self._batch_enqueue = batch_enqueue
+        self._batch_max = batch_max
+        self._batch_linger = batch_linger
+        self._batch_pending: collections.deque[_PendingEnqueue] = collections.deque()
+        self._batch_wakeup = trio.Event()
+        self._batcher_started = False
+        #: Counters, see :meth:`statistics`.
+        self._rpcs = 0
+        self._enqueue_batches = 0
+        self._enqueue_batched_jobs = 0
 
     @classmethod
     @asynccontextmanager
@@ -1157,6 +1207,9 @@ class Client:
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         lazy: bool = False,
+        batch_enqueue: bool = True,
+        batch_max: int = DEFAULT_BATCH_MAX,
+        batch_linger: float = 0.0,
     ) -> AsyncIterator[Client]:
         """Connect to a server for the duration of an ``async with`` block.
 
@@ -1175,6 +1228,14 @@ class Client:
             max_message_size: Largest response message accepted, in bytes.
             lazy: Do not connect now; the first call connects. By default the connection
                 is opened at once, so a wrong address fails here.
+            batch_enqueue: Coalesce concurrent :meth:`enqueue` calls into ``EnqueueJobs``
+                batches (client-side group commit; see :meth:`enqueue`). ``False`` sends
+                one unary ``EnqueueJob`` per call.
+            batch_max: Most jobs per ``EnqueueJobs`` batch.
+            batch_linger: Seconds the batcher waits for more calls before sending a
+                batch. ``0`` (the default) sends at once when no batch is in flight,
+                so a lone sequential producer pays no added latency; calls made while
+                a batch is in flight go in the next one.
 
         Yields:
             The client, usable inside the block only.
@@ -1202,6 +1263,9 @@ class Client:
                 stream_idle_timeout=stream_idle_timeout,
                 probe_timeout=probe_timeout,
                 max_message_size=max_message_size,
+                batch_enqueue=batch_enqueue,
+                batch_max=batch_max,
+                batch_linger=batch_linger,
             )
             try:
                 if not lazy:
@@ -1269,11 +1333,37 @@ class Client:
             return await self._get_channel()
         raise Unavailable(f"cannot connect to {self.address} within the deadline")
 
+    def statistics(self) -> dict[str, int]:
+        """Counters of this client, for tests and tuning.
+
+        Returns:
+            ``connections``: connections opened; ``rpcs``: unary RPCs started (each
+            ``EnqueueJobs`` batch counts as one); ``enqueue_batches``: ``EnqueueJobs``
+            calls made by the enqueue batcher; ``enqueue_batched_jobs``: jobs they
+            carried.
+        """
+        return {
+            "connections": self.connections,
+            "rpcs": self._rpcs,
+            "enqueue_batches": self._enqueue_batches,
+            "enqueue_batched_jobs": self._enqueue_batched_jobs,
+        }
+
     async def _unary(
-        self, method: str, request: Message, response_type: type[_ResponseT]
+        self,
+        method: str,
+        request: Message,
+        response_type: type[_ResponseT],
+        *,
+        deadline: float | None = None,
     ) -> _ResponseT:
-        timeout = self.timeout
-        deadline = trio.current_time() + timeout
+        now = trio.current_time()
+        if deadline is None:
+            timeout = self.timeout
+            deadline = now + timeout
+        else:
+            timeout = max(deadline - now, 0.0)
+        self._rpcs += 1
         channel = await self._connected(deadline)
         call: _Call | None = None
         with trio.move_on_at(deadline):
@@ -1335,6 +1425,14 @@ class Client:
         Raises:
             InvalidArgument: A field is out of range or the payload is not JSON.
             ResourceExhausted: The payload is larger than the server allows.
+
+        Batching: with ``batch_enqueue`` (the default, see :meth:`connect`), concurrent
+        calls from many tasks are coalesced into ``EnqueueJobs`` batches (one group
+        commit on the server for many jobs); a call made while no batch is in flight is
+        sent at once. Each call still gets its own result and the same exception a
+        unary call would raise, and its own ``timeout``. A call cancelled (or timed out)
+        before its batch is sent creates no job; once its batch is sent, the job may be
+        created even though the caller no longer waits for the answer.
         """
         request = JobRequest(
             job_type=job_type,
@@ -1344,8 +1442,137 @@ class Client:
             max_retries=max_retries,
             scheduled_at=scheduled_at,
         ).to_pb()
+        if self._batch_enqueue:
+            size = request.ByteSize()
+            if size <= BATCH_MAX_BYTES:
+                return await self._enqueue_batched(request, size)
         response = await self._unary("EnqueueJob", request, pb.EnqueueJobResponse)
         return str(response.job_id)
+
+    # -- enqueue batching (client-side group commit) ------------------------------------
+    #
+    # enqueue() appends a _PendingEnqueue to _batch_pending and wakes the batcher, a
+    # task in the client's nursery (started by the first batched call, ended with the
+    # client). The batcher sends everything pending -- at most batch_max jobs and
+    # BATCH_MAX_BYTES -- as one EnqueueJobs call, waits for its answer, and hands each
+    # caller its own ItemResult: the job id, or the per-item status raised as the same
+    # ClientError subclass and message a unary EnqueueJob would raise (the server maps
+    # a rejection to a status the same way for both). Calls made while a batch is in
+    # flight go in the next one. An error of the batch call as a whole (transport,
+    # deadline, auth) fails every caller in it with that error, except that
+    # UNIMPLEMENTED (a server without EnqueueJobs: batching is switched off) and a
+    # RESOURCE_EXHAUSTED batch of several jobs (too large for the server) make each
+    # caller send its own unary call, so the outcome is the unary one.
+    #
+    # The batch call runs until the latest deadline among its callers; each caller
+    # waits only until its own deadline. A caller that stops waiting (cancelled, timed
+    # out) before its batch is sent is removed: its job is not created. Once sent, the
+    # batch is not disturbed: the answer for that caller is dropped, and its job may
+    # well have been created (as with a unary call cancelled in flight).
+
+    async def _enqueue_batched(self, request: pb.EnqueueJobRequest, size: int) -> str:
+        if self._closed:
+            raise Unavailable("the client is closed")
+        timeout = self.timeout
+        item = _PendingEnqueue(request, size, trio.current_time() + timeout)
+        if not self._batcher_started:
+            self._batcher_started = True
+            self._nursery.start_soon(self._enqueue_batcher)
+        self._batch_pending.append(item)
+        self._batch_wakeup.set()
+        try:
+            with trio.move_on_at(item.deadline):
+                await item.done.wait()
+        finally:
+            if not item.done.is_set():
+                item.abandoned = True
+        if not item.done.is_set():
+            raise DeadlineExceeded(f"EnqueueJob: no answer within {timeout:g} s")
+        if item.go_unary:
+            response = await self._unary("EnqueueJob", request, pb.EnqueueJobResponse)
+            return str(response.job_id)
+        if item.error is not None:
+            raise item.error
+        return item.job_id
+
+    def _take_batch(self) -> list[_PendingEnqueue]:
+        pending = self._batch_pending
+        batch: list[_PendingEnqueue] = []
+        size = 0
+        while pending and len(batch) < self._batch_max:
+            item = pending[0]
+            if item.abandoned:
+                pending.popleft()
+                continue
+            # ~8 bytes of framing per repeated field on top of the item itself.
+            if batch and size + item.size + 8 > BATCH_MAX_BYTES:
+                break
+            pending.popleft()
+            batch.append(item)
+            size += item.size + 8
+        return batch
+
+    async def _enqueue_batcher(self) -> None:
+        try:
+            while True:
+                while not self._batch_pending:
+                    self._batch_wakeup = trio.Event()
+                    await self._batch_wakeup.wait()
+                if self._batch_linger > 0:
+                    with trio.move_on_after(self._batch_linger):
+                        while len(self._batch_pending) < self._batch_max:
+                            self._batch_wakeup = trio.Event()
+                            await self._batch_wakeup.wait()
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                try:
+                    await self._send_batch(batch)
+                finally:
+                    # Only a cancellation (the client closing) leaves items unresolved.
+                    for item in batch:
+                        item.resolve(error=Unavailable("the client is closed"))
+        finally:
+            # The client is closing (its nursery is cancelled): nobody will send these.
+            for item in self._batch_pending:
+                item.resolve(error=Unavailable("the client is closed"))
+            self._batch_pending.clear()
+
+    async def _send_batch(self, batch: list[_PendingEnqueue]) -> None:
+        self._enqueue_batches += 1
+        self._enqueue_batched_jobs += len(batch)
+        request = pb.EnqueueJobsRequest(jobs=[item.request for item in batch])
+        deadline = max(item.deadline for item in batch)
+        try:
+            response = await self._unary(
+                "EnqueueJobs", request, pb.EnqueueJobsResponse, deadline=deadline
+            )
+            if len(response.results) != len(batch):
+                raise Internal(
+                    f"EnqueueJobs: {len(response.results)} results for {len(batch)} jobs"
+                )
+        except ClientError as exc:
+            go_unary = isinstance(exc, Unimplemented) or (
+                isinstance(exc, ResourceExhausted) and len(batch) > 1
+            )
+            if isinstance(exc, Unimplemented):
+                self._batch_enqueue = False
+            for item in batch:
+                if go_unary:
+                    item.go_unary = True
+                    item.resolve()
+                else:
+                    item.resolve(error=_copy_error(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug here must not kill the client
+            for item in batch:
+                item.resolve(error=Internal(f"EnqueueJobs batch failed: {exc!r}"))
+            return
+        for item, result in zip(batch, response.results, strict=True):
+            if result.code == 0:
+                item.resolve(job_id=str(result.job_id))
+            else:
+                item.resolve(error=error_for_code(result.code, result.message))
 
     async def enqueue_many(
         self, jobs: Iterable[JobRequest | Mapping[str, Any]]
