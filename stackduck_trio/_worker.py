@@ -64,6 +64,7 @@ seconds under a shield.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import logging
@@ -156,6 +157,51 @@ def _is_async(handler: Callable[..., object]) -> bool:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Ticket:
+    """A job's place in the line for a handler slot."""
+
+    __slots__ = ("abandoned", "granted")
+
+    def __init__(self) -> None:
+        self.granted = trio.Event()
+        self.abandoned = False
+
+
+class _FifoSlots:
+    """``concurrency`` handler slots, granted in the order tickets were taken.
+
+    Tickets are taken synchronously by the receive loop, in delivery order, so
+    buffered jobs start first in, first out (a CapacityLimiter would grant in
+    the order the job *tasks* reach it, which trio does not keep).
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._line: collections.deque[_Ticket] = collections.deque()
+
+    def take_ticket(self) -> _Ticket:
+        ticket = _Ticket()
+        self._line.append(ticket)
+        self._grant()
+        return ticket
+
+    def done(self, ticket: _Ticket) -> None:
+        """The job finished (or gave up waiting): free its slot or its place."""
+        if ticket.granted.is_set():
+            self._free += 1
+            self._grant()
+        else:
+            ticket.abandoned = True
+
+    def _grant(self) -> None:
+        while self._free and self._line:
+            ticket = self._line.popleft()
+            if ticket.abandoned:
+                continue
+            self._free -= 1
+            ticket.granted.set()
 
 
 class _Acker:
@@ -338,9 +384,9 @@ class Worker:
         self.reconnect_max = reconnect_max
         self.flush_timeout = flush_timeout
         self._counters = _Counters()
-        self._limiter = trio.CapacityLimiter(concurrency)
-        # Threads of sync handlers: their own tokens (a job task already holds one of
-        # _limiter), and not trio's global default limiter of 40 threads.
+        self._slots = _FifoSlots(concurrency)
+        # Threads of sync handlers: their own limiter (a job task already holds one of
+        # the slots), not trio's global default limiter of 40 threads.
         self._thread_limiter = trio.CapacityLimiter(concurrency)
         self._running = 0
         self._idle = trio.Event()
@@ -464,7 +510,10 @@ class Worker:
                                         self._counters.released += 1
                                         acker.put(Ack(job.id, job.lease_id, release=True))
                                         continue
-                                    jobs.start_soon(self._run_job, keeper, acker, job)
+                                    # The slot is queued for here, in delivery order:
+                                    # trio starts tasks in no particular order.
+                                    ticket = self._slots.take_ticket()
+                                    jobs.start_soon(self._run_job, keeper, acker, job, ticket)
                             self._receive_scope = None
                             if self._stopping:
                                 # The stream stays open until the outcomes are in: closing
@@ -535,7 +584,9 @@ class Worker:
 
     # -- one job -------------------------------------------------------------------------
 
-    async def _run_job(self, keeper: _LeaseKeeper, acker: _Acker, job: JobInfo) -> None:
+    async def _run_job(
+        self, keeper: _LeaseKeeper, acker: _Acker, job: JobInfo, ticket: _Ticket
+    ) -> None:
         self._running += 1
         ack: Ack | None = None
         try:
@@ -544,14 +595,15 @@ class Worker:
                 # Kept alive from delivery on: a job may wait here for a free slot.
                 keeper.add(job, self._lease_length(job))
                 try:
-                    async with self._limiter:
-                        if self._stopping:
-                            # Still waiting when stop() came: give it back unstarted.
-                            self._counters.released += 1
-                            ack = Ack(job.id, job.lease_id, release=True)
-                            return
-                        error = await self._run_handler(job)
+                    await ticket.granted.wait()
+                    if self._stopping:
+                        # Still waiting when stop() came: give it back unstarted.
+                        self._counters.released += 1
+                        ack = Ack(job.id, job.lease_id, release=True)
+                        return
+                    error = await self._run_handler(job)
                 finally:
+                    self._slots.done(ticket)
                     keeper.remove(job)
                     self._job_scopes.discard(scope)
                 if error is None:

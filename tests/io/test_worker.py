@@ -410,3 +410,27 @@ async def test_default_prefetch_buffers_beyond_concurrency_and_releases_on_stop(
     back = [s for s in states if s.status == "queued"]
     assert len(done) == 2 and len(back) == 8
     assert all(s.attempt == 0 for s in back)  # released: no attempt used
+
+
+async def test_buffered_jobs_start_in_delivery_order(address: str) -> None:
+    """One slot, a prefetch of 32: jobs start by priority, then first in, first out."""
+    order: list[int] = []
+
+    async def record(job: JobInfo) -> None:
+        order.append(job.data["n"])
+
+    worker = make_worker(address, {"ordered": record}, concurrency=1)
+    priorities = [3, 1, 2, 1, 3, 2, 1, 2, 3, 1] * 2
+    with trio.fail_after(10):
+        async with Client.connect(address) as client, trio.open_nursery() as nursery:
+            await client.enqueue_many(
+                [
+                    {"job_type": "ordered", "payload": {"n": n}, "priority": p}
+                    for n, p in enumerate(priorities)
+                ]
+            )
+            await nursery.start(worker.run)
+            await wait_for(lambda: worker.statistics().processed == len(priorities))
+            worker.stop()
+    expected = sorted(range(len(priorities)), key=lambda n: (priorities[n], n))
+    assert order == expected
