@@ -45,6 +45,9 @@ DEFAULT_PAYLOAD: Final = "{}"
 
 _JOB_TYPE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
 _UNIX_SECONDS_RE: Final = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+#: An idempotency key: 1..200 characters of printable ASCII.
+_IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,200}")
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 200
 
 
 class Status(enum.Enum):
@@ -123,6 +126,7 @@ class EnqueueRequest:
     delay: int | None = None
     max_retries: int | None = None
     scheduled_at: str | float | None = None
+    idempotency_key: str | None = None
 
 
 @final
@@ -140,6 +144,7 @@ class JobSpec:
     delay: int
     max_retries: int
     scheduled_at: float
+    idempotency_key: str | None = None
 
 
 @final
@@ -157,6 +162,7 @@ class Job:
         lease_id: the fencing token of the current delivery, if running.
         version: incremented on every change; drivers use it for conditional
             writes and readers for ordering updates of one job.
+        idempotency_key: the producer's key for safe enqueue retries, if any.
     """
 
     id: str
@@ -180,6 +186,7 @@ class Job:
     lease_expires_at: float | None = None
     worker_id: str | None = None
     version: int = 1
+    idempotency_key: str | None = None
 
     @property
     def retries_left(self) -> bool:
@@ -325,6 +332,14 @@ def validate_enqueue(request: EnqueueRequest, *, now: float, limits: Limits) -> 
                 "scheduled_at",
             )
         due = max(now, parsed)
+    key = request.idempotency_key
+    if key is not None and not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+        return Rejected(
+            RejectReason.INVALID_ARGUMENT,
+            f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters "
+            "of printable ASCII",
+            "idempotency_key",
+        )
     return JobSpec(
         job_type=job_type,
         payload=payload,
@@ -332,4 +347,5 @@ def validate_enqueue(request: EnqueueRequest, *, now: float, limits: Limits) -> 
         delay=delay,
         max_retries=max_retries,
         scheduled_at=due,
+        idempotency_key=key,
     )

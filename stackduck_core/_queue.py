@@ -146,6 +146,8 @@ class QueueCore:
         # the same counts summed per status, kept in step: O(1) totals on
         # hot paths however many job types clients invent
         self._totals: dict[Status, int] = dict.fromkeys(Status, 0)
+        # idempotency key -> id of the job in memory that carries it
+        self._keys: dict[str, str] = {}
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -164,6 +166,9 @@ class QueueCore:
             if old.status is Status.FAILED:
                 del self._dead[old.id]
             del self._jobs[old.id]
+            idem = old.idempotency_key
+            if idem is not None and self._keys.get(idem) == old.id:
+                del self._keys[idem]
         if new is None or new.status in (Status.COMPLETED, Status.CANCELLED):
             assert old is not None  # only an existing job is removed
             self._compact(old)
@@ -172,6 +177,8 @@ class QueueCore:
         self._counts[key] = self._counts.get(key, 0) + 1
         self._totals[new.status] += 1
         self._jobs[new.id] = new
+        if new.idempotency_key is not None:
+            self._keys[new.idempotency_key] = new.id
         status = new.status
         if status is Status.QUEUED:
             heap = self._ready.setdefault(new.job_type, [])
@@ -620,6 +627,14 @@ class QueueCore:
     def get(self, job_id: str) -> Job | None:
         """The active record of a job (not completed or cancelled ones)."""
         return self._jobs.get(job_id)
+
+    def find_key(self, key: str) -> str | None:
+        """The id of the job in memory enqueued with idempotency ``key``, if any.
+
+        Completed and cancelled jobs have left memory: look for their key in
+        the record store.
+        """
+        return self._keys.get(key)
 
     def ready_count(self, job_type: str) -> int:
         """How many jobs of ``job_type`` are queued (paused or not)."""

@@ -273,6 +273,7 @@ def new_job(job_id: str, spec: JobSpec, now: float) -> Job:
         scheduled_at=spec.scheduled_at,
         created_at=now,
         updated_at=now,
+        idempotency_key=spec.idempotency_key,
     )
 
 

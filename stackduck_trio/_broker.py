@@ -42,6 +42,7 @@ import trio
 from stackduck_core import (
     EnqueueRequest,
     Job,
+    JobSpec,
     QueueCore,
     QueueStats,
     Rejected,
@@ -75,6 +76,24 @@ class TypeCounters:
     completed: int = 0
     failed: int = 0
     retried: int = 0
+
+
+@attrs.frozen
+class Duplicate:
+    """An enqueue whose idempotency key names an existing job: none was created."""
+
+    job: Job
+
+
+class _KeyEntry:
+    """An idempotency key this process is enqueueing: later requests share its job."""
+
+    __slots__ = ("job", "ready", "written")
+
+    def __init__(self) -> None:
+        self.ready = trio.Event()  # set once ``job`` (and ``written``) are known
+        self.job: Job | None = None  # stays None when the store lookup failed
+        self.written: trio.Event | None = None  # the commit of a new job
 
 
 class AckRequest(NamedTuple):
@@ -131,6 +150,7 @@ class Broker:
         self._timer_target = math.inf
         self._idle = trio.Event()
         self._pause_lock = trio.Lock()
+        self._keys: dict[str, _KeyEntry] = {}  # idempotency keys being enqueued
         self.draining = False
 
     # -- plumbing --------------------------------------------------------------
@@ -196,33 +216,126 @@ class Broker:
 
     # -- producers ---------------------------------------------------------------
 
-    async def enqueue(self, requests: Sequence[EnqueueRequest]) -> list[Job | Rejected]:
-        """Validate, persist and queue jobs; one result per request, in order."""
+    async def enqueue(self, requests: Sequence[EnqueueRequest]) -> list[Job | Duplicate | Rejected]:
+        """Validate, persist and queue jobs; one result per request, in order.
+
+        A request whose idempotency key names a job that exists (in the
+        queue, being written by this process, or in the record store) creates
+        nothing: its result is that job as a :class:`Duplicate`. Keys are
+        looked up before anything is written, and concurrent requests with
+        one key (also within one batch) share the first one's job.
+        """
         await self._admission()
         decision = route(None, self.committer.health.state, Durability.STRICT)
         if decision.enqueue is EnqueueMode.REJECT_UNAVAILABLE:
             raise Unavailable(f"{self.committer.backend.kind}: {decision.reason}")
         now = self.clock.now()
-        results: list[Job | Rejected] = []
-        accepted: list[Job] = []
-        for request in requests:
+        results: list[Job | Duplicate | Rejected | None] = []
+        specs: dict[int, JobSpec] = {}
+        owned: dict[str, tuple[int, _KeyEntry]] = {}  # keys this call looks up
+        waiting: list[tuple[int, _KeyEntry]] = []  # requests sharing another's key
+        for index, request in enumerate(requests):
             spec = validate_enqueue(request, now=now, limits=self.core.limits)
             if isinstance(spec, Rejected):
                 results.append(spec)
                 continue
+            results.append(None)
+            key = spec.idempotency_key
+            if key is not None:
+                known = self.core.find_key(key)
+                if known is not None:
+                    job = self.core.get(known)
+                    assert job is not None  # the index holds jobs in memory only
+                    results[index] = Duplicate(job)
+                    continue
+                entry = self._keys.get(key)
+                if entry is not None:
+                    waiting.append((index, entry))
+                    continue
+                entry = self._keys[key] = _KeyEntry()
+                owned[key] = (index, entry)
+            specs[index] = spec
+        if owned:
+            await self._lookup_keys(owned, specs, results)
+        accepted: list[Job] = []
+        new_keys: list[tuple[str, _KeyEntry]] = []
+        for index, spec in specs.items():
             job = self.core.new_record(spec, job_id=new_id(), now=now)
             accepted.append(job)
-            results.append(job)
+            results[index] = job
+            if spec.idempotency_key is not None:
+                entry = owned[spec.idempotency_key][1]
+                entry.job = job
+                new_keys.append((spec.idempotency_key, entry))
+        written: trio.Event | None = None
         if accepted:
 
             def admit() -> None:
                 admitted_at = self.clock.now()
                 for job in accepted:
                     self.core.restore(job, now=admitted_at)
+                for key, entry in new_keys:
+                    self._drop_key(key, entry)  # the core's index has it now
                 self.changed()
 
-            await self._committed(self.committer.write(accepted, on_commit=admit))
-        return results
+            try:
+                written = self.committer.write(accepted, on_commit=admit)
+            except StorageUnavailable:  # shut down: requests sharing a key must not hang
+                for key, entry in new_keys:
+                    entry.job = None
+                    self._drop_key(key, entry)
+                raise
+            for _key, entry in new_keys:
+                entry.written = written
+                entry.ready.set()
+        lookup_failed = False
+        for index, entry in waiting:
+            await entry.ready.wait()
+            if entry.job is None:
+                lookup_failed = True
+                continue
+            if entry.written is not None:
+                await self._committed(entry.written)
+            results[index] = Duplicate(self.core.get(entry.job.id) or entry.job)
+        if written is not None:
+            await self._committed(written)
+        if lookup_failed:
+            message = "the record store failed on a request with the same idempotency key"
+            raise OutcomeUnknown(message) if written is not None else Unavailable(message)
+        out = [r for r in results if r is not None]
+        assert len(out) == len(requests)
+        return out
+
+    async def _lookup_keys(
+        self,
+        owned: dict[str, tuple[int, _KeyEntry]],
+        specs: dict[int, JobSpec],
+        results: list[Job | Duplicate | Rejected | None],
+    ) -> None:
+        """Look the keys up in the record store; a found job is a duplicate."""
+        keys = list(owned)
+        backend = self.committer.backend
+        found: list[Job | None] | None = None
+        try:
+            found = await self.committer.run_blocking(lambda: [backend.find_key(k) for k in keys])
+        except StorageUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        finally:
+            if found is None:  # failed or cancelled: release the keys
+                for key, (_index, entry) in owned.items():
+                    self._drop_key(key, entry)
+        for key, job in zip(keys, found, strict=True):
+            if job is not None:
+                index, entry = owned.pop(key)
+                entry.job = job
+                self._drop_key(key, entry)  # the store answers for it from now on
+                del specs[index]
+                results[index] = Duplicate(job)
+
+    def _drop_key(self, key: str, entry: _KeyEntry) -> None:
+        if self._keys.get(key) is entry:
+            del self._keys[key]
+        entry.ready.set()
 
     async def cancel(self, job_id: str) -> Job | Rejected:
         await self._admission()

@@ -441,12 +441,15 @@ class ItemResult:
             8 = RESOURCE_EXHAUSTED, 9 = FAILED_PRECONDITION, 14 = UNAVAILABLE.
         message: Why the item was rejected ("" when OK).
         status: The job's status after the operation ("" when rejected).
+        duplicate: Enqueue: the item's ``idempotency_key`` named an existing job,
+            whose id and status these are; no job was created.
     """
 
     job_id: str
     code: int
     message: str
     status: str
+    duplicate: bool = False
 
     @property
     def ok(self) -> bool:
@@ -465,7 +468,13 @@ class ItemResult:
     @classmethod
     def from_pb(cls, item: pb.ItemResult) -> ItemResult:
         """Decode a wire ``ItemResult``."""
-        return cls(job_id=item.job_id, code=item.code, message=item.message, status=item.status)
+        return cls(
+            job_id=item.job_id,
+            code=item.code,
+            message=item.message,
+            status=item.status,
+            duplicate=item.duplicate,
+        )
 
 
 @attrs.frozen
@@ -577,6 +586,7 @@ class JobRequest:
     delay: int | None = None
     max_retries: int | None = None
     scheduled_at: datetime.datetime | float | str | None = None
+    idempotency_key: str | None = None
 
     def to_pb(self) -> pb.EnqueueJobRequest:
         """Encode as a wire ``EnqueueJobRequest`` (omitted fields stay unset)."""
@@ -584,6 +594,7 @@ class JobRequest:
             job_type=self.job_type,
             payload=encode_payload(self.payload),
             scheduled_at=encode_time(self.scheduled_at),
+            idempotency_key=self.idempotency_key or "",
         )
         if self.priority is not None:
             request.priority = self.priority
@@ -1404,6 +1415,7 @@ class Client:
         delay: int | None = None,
         max_retries: int | None = None,
         scheduled_at: datetime.datetime | float | str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         """Enqueue one job.
 
@@ -1418,9 +1430,12 @@ class Client:
             max_retries: 0..100 retries after failures; server default 2.
             scheduled_at: Do not deliver before this time: an aware ``datetime``, Unix
                 seconds, or RFC 3339 text with an offset. ``None`` = now.
+            idempotency_key: 1..200 printable ASCII characters. If a job with this key
+                exists (until it is purged), none is created and its id is returned, so
+                a retry after ``DeadlineExceeded`` or a network error is safe.
 
         Returns:
-            The new job's id.
+            The new job's id (or the existing job's, see ``idempotency_key``).
 
         Raises:
             InvalidArgument: A field is out of range or the payload is not JSON.
@@ -1441,6 +1456,7 @@ class Client:
             delay=delay,
             max_retries=max_retries,
             scheduled_at=scheduled_at,
+            idempotency_key=idempotency_key,
         ).to_pb()
         if self._batch_enqueue:
             size = request.ByteSize()
@@ -1582,7 +1598,7 @@ class Client:
         Args:
             jobs: :class:`JobRequest` objects or dicts with the same keys
                 (``job_type`` required; ``payload``, ``priority``, ``delay``,
-                ``max_retries``, ``scheduled_at`` optional).
+                ``max_retries``, ``scheduled_at``, ``idempotency_key`` optional).
 
         Returns:
             One :class:`ItemResult` per job, in order; a rejected job does not stop the

@@ -100,7 +100,7 @@ from ._store import _COLUMNS, ACTIVE_STATUSES, Batch, StorageUnavailable, row_to
 log = logging.getLogger("stackduck.store.postgres")
 
 #: The newest schema version this code knows; see :data:`_MIGRATIONS`.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 DEFAULT_SCHEMA: Final = "stackduck"
 
 # Column types, used by COPY's binary format (which needs exact types).
@@ -126,6 +126,7 @@ _TYPES: Final = {
     "lease_expires_at": "float8",
     "worker_id": "text",
     "version": "int8",
+    "idempotency_key": "text",
 }
 # A column added to the Job record without a migration here must fail loudly.
 if tuple(_TYPES) != _COLUMNS:  # pragma: no cover - guards future edits
@@ -186,6 +187,17 @@ _MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
         2,
         "paused_types table (pauses survive restarts)",
         ("CREATE TABLE {paused} (job_type text PRIMARY KEY, paused_at double precision)",),
+    ),
+    (
+        3,
+        "idempotency_key column and index",
+        (
+            "ALTER TABLE {jobs} ADD COLUMN idempotency_key text",
+            # Not unique: a violation would fail a group-committed batch forever;
+            # the broker dedupes keys before it writes.
+            "CREATE INDEX jobs_idempotency_key ON {jobs} (idempotency_key) "
+            "WHERE idempotency_key IS NOT NULL",
+        ),
     ),
 )
 assert _MIGRATIONS[-1][0] == SCHEMA_VERSION
@@ -523,6 +535,9 @@ class PostgresBackend:
         self._q_get = sql.SQL("SELECT {cols} FROM {jobs} WHERE id = %s").format(
             cols=cols, jobs=jobs
         )
+        self._q_find_key = sql.SQL(
+            "SELECT {cols} FROM {jobs} WHERE idempotency_key = %s ORDER BY created_at, id LIMIT 1"
+        ).format(cols=cols, jobs=jobs)
         self._q_counts = sql.SQL("SELECT status, count(*) FROM {jobs} GROUP BY status").format(
             jobs=jobs
         )
@@ -845,6 +860,12 @@ class PostgresBackend:
             return None
         with self._connection("read") as (conn, _guard):
             row = conn.execute(self._q_get, (job_id,)).fetchone()
+        return None if row is None else row_to_job(row)
+
+    def find_key(self, key: str) -> Job | None:
+        """The (oldest) job enqueued with idempotency ``key``, if any."""
+        with self._connection("read") as (conn, _guard):
+            row = conn.execute(self._q_find_key, (_clean(key),)).fetchone()
         return None if row is None else row_to_job(row)
 
     def counts(self) -> dict[str, int]:

@@ -27,7 +27,14 @@ from stackduck_core import (
     validate_job_type,
 )
 
-from ._broker import AckRequest, Broker, OutcomeUnknown, Unavailable, rejected_to_status
+from ._broker import (
+    AckRequest,
+    Broker,
+    Duplicate,
+    OutcomeUnknown,
+    Unavailable,
+    rejected_to_status,
+)
 from ._proto import health_pb2
 from ._proto import stackduck_pb2 as pb
 from ._rpc import CallContext, RpcError
@@ -72,6 +79,7 @@ def job_to_pb(job: Job, notification: str = "") -> pb.GrpcJob:
         attempt=job.attempt,
         lease_expires_at_ms=0 if job.lease_expires_at is None else int(job.lease_expires_at * 1000),
         worker_id=job.worker_id or "",
+        idempotency_key=job.idempotency_key or "",
     )
 
 
@@ -84,6 +92,7 @@ def enqueue_request(message: pb.EnqueueJobRequest) -> EnqueueRequest:
         delay=message.delay if message.HasField("delay") else None,
         max_retries=message.max_retries if message.HasField("max_retries") else None,
         scheduled_at=message.scheduled_at or None,
+        idempotency_key=message.idempotency_key or None,
     )
 
 
@@ -94,10 +103,13 @@ def _raise_for(result: Job | Rejected) -> Job:
     return result
 
 
-def _item(result: Job | Rejected) -> pb.ItemResult:
+def _item(result: Job | Duplicate | Rejected) -> pb.ItemResult:
     if isinstance(result, Rejected):
         status, message = rejected_to_status(result)
         return pb.ItemResult(code=_CODE_NUMBER[status], message=message)
+    if isinstance(result, Duplicate):
+        job = result.job
+        return pb.ItemResult(job_id=job.id, code=0, status=job.status.value, duplicate=True)
     return pb.ItemResult(job_id=result.id, code=0, status=result.status.value)
 
 
@@ -138,8 +150,11 @@ class StackDuckService:
         self, request: pb.EnqueueJobRequest, ctx: CallContext
     ) -> pb.EnqueueJobResponse:
         (result,) = await self._call(self.broker.enqueue([enqueue_request(request)]))
-        job = _raise_for(result)
-        return pb.EnqueueJobResponse(job_id=job.id, success=True, status=job.status.value)
+        duplicate = isinstance(result, Duplicate)
+        job = result.job if isinstance(result, Duplicate) else _raise_for(result)
+        return pb.EnqueueJobResponse(
+            job_id=job.id, success=True, status=job.status.value, duplicate=duplicate
+        )
 
     async def ConsumeJobs(
         self, request: pb.ConsumeJobsRequest, ctx: CallContext

@@ -74,6 +74,7 @@ _COLUMNS: Final = (
     "lease_expires_at",
     "worker_id",
     "version",
+    "idempotency_key",
 )
 #: Statuses the queue tier must hold after a restart.
 ACTIVE_STATUSES: Final = (Status.SCHEDULED, Status.QUEUED, Status.RUNNING, Status.FAILED)
@@ -113,6 +114,10 @@ class Backend(Protocol):
     def commit(self, batch: Batch) -> None: ...
     def load_active(self) -> list[Job]: ...
     def get(self, job_id: str) -> Job | None: ...
+    def find_key(self, key: str) -> Job | None:
+        """The (oldest) job enqueued with idempotency ``key``, if any."""
+        ...
+
     def counts(self) -> dict[str, int]: ...
     def set_paused(self, job_type: str, paused: bool) -> None:
         """Record that ``job_type`` is (or is no longer) paused; idempotent."""
@@ -129,12 +134,12 @@ class SqliteBackend:
     ``synchronous=FULL`` (the default) makes a committed batch survive an OS
     crash too; ``NORMAL`` survives process crashes (``kill -9``) only, for
     speed. The schema is versioned with ``PRAGMA user_version``: version 1
-    is the jobs table, version 2 adds ``paused_types``; an older file is
-    migrated when it is opened.
+    is the jobs table, version 2 adds ``paused_types``, version 3 the
+    ``idempotency_key`` column; an older file is migrated when it is opened.
     """
 
     kind = "sqlite"
-    SCHEMA_VERSION: Final = 2
+    SCHEMA_VERSION: Final = 3
 
     def __init__(self, path: pathlib.Path | str, *, synchronous: str = "FULL") -> None:
         self.path = str(path)
@@ -237,6 +242,20 @@ class SqliteBackend:
                 COMMIT;
                 """
             )
+        if version < 3:
+            # Not a unique index: a constraint violation inside a group-committed
+            # batch would fail the whole batch forever; the broker dedupes keys
+            # before it writes.
+            db.executescript(
+                """
+                BEGIN;
+                ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+                CREATE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs (idempotency_key)
+                    WHERE idempotency_key IS NOT NULL;
+                PRAGMA user_version = 3;
+                COMMIT;
+                """
+            )
 
     def _lock_directory(self, directory: pathlib.Path) -> None:
         # Two servers on one data directory would both restore and deliver the
@@ -299,6 +318,14 @@ class SqliteBackend:
 
     def get(self, job_id: str) -> Job | None:
         rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
+        return row_to_job(rows[0]) if rows else None
+
+    def find_key(self, key: str) -> Job | None:
+        rows = self._read(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE idempotency_key = ? "
+            "ORDER BY created_at, id LIMIT 1",
+            (key,),
+        )
         return row_to_job(rows[0]) if rows else None
 
     def counts(self) -> dict[str, int]:
@@ -367,6 +394,10 @@ class MemoryBackend:
 
     def get(self, job_id: str) -> Job | None:
         return self.rows.get(job_id)
+
+    def find_key(self, key: str) -> Job | None:
+        found = [j for j in self.rows.values() if j.idempotency_key == key]
+        return min(found, key=lambda j: (j.created_at, j.id)) if found else None
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

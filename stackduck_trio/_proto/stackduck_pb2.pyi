@@ -7,32 +7,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EnqueueJobRequest(_message.Message):
-    __slots__ = ("job_type", "payload", "priority", "delay", "max_retries", "scheduled_at")
+    __slots__ = ("job_type", "payload", "priority", "delay", "max_retries", "scheduled_at", "idempotency_key")
     JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DELAY_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_AT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     job_type: str
     payload: str
     priority: int
     delay: int
     max_retries: int
     scheduled_at: str
-    def __init__(self, job_type: _Optional[str] = ..., payload: _Optional[str] = ..., priority: _Optional[int] = ..., delay: _Optional[int] = ..., max_retries: _Optional[int] = ..., scheduled_at: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, job_type: _Optional[str] = ..., payload: _Optional[str] = ..., priority: _Optional[int] = ..., delay: _Optional[int] = ..., max_retries: _Optional[int] = ..., scheduled_at: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class EnqueueJobResponse(_message.Message):
-    __slots__ = ("job_id", "success", "error_message", "status")
+    __slots__ = ("job_id", "success", "error_message", "status", "duplicate")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     success: bool
     error_message: str
     status: str
-    def __init__(self, job_id: _Optional[str] = ..., success: _Optional[bool] = ..., error_message: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, job_id: _Optional[str] = ..., success: _Optional[bool] = ..., error_message: _Optional[str] = ..., status: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class DequeueJobRequest(_message.Message):
     __slots__ = ("queue_name", "worker_id", "lease_seconds")
@@ -87,7 +91,7 @@ class JobMessage(_message.Message):
     def __init__(self, job: _Optional[_Union[GrpcJob, _Mapping]] = ..., notification_type: _Optional[str] = ...) -> None: ...
 
 class GrpcJob(_message.Message):
-    __slots__ = ("id", "job_type", "payload", "status", "priority", "retry_count", "max_retries", "error_message", "delay", "scheduled_at", "started_at", "completed_at", "created_at", "updated_at", "lease_id", "attempt", "lease_expires_at_ms", "worker_id")
+    __slots__ = ("id", "job_type", "payload", "status", "priority", "retry_count", "max_retries", "error_message", "delay", "scheduled_at", "started_at", "completed_at", "created_at", "updated_at", "lease_id", "attempt", "lease_expires_at_ms", "worker_id", "idempotency_key")
     ID_FIELD_NUMBER: _ClassVar[int]
     JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +110,7 @@ class GrpcJob(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     id: str
     job_type: str
     payload: str
@@ -124,7 +129,8 @@ class GrpcJob(_message.Message):
     attempt: int
     lease_expires_at_ms: int
     worker_id: str
-    def __init__(self, id: _Optional[str] = ..., job_type: _Optional[str] = ..., payload: _Optional[str] = ..., status: _Optional[str] = ..., priority: _Optional[int] = ..., retry_count: _Optional[int] = ..., max_retries: _Optional[int] = ..., error_message: _Optional[str] = ..., delay: _Optional[int] = ..., scheduled_at: _Optional[int] = ..., started_at: _Optional[int] = ..., completed_at: _Optional[int] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., lease_id: _Optional[str] = ..., attempt: _Optional[int] = ..., lease_expires_at_ms: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, id: _Optional[str] = ..., job_type: _Optional[str] = ..., payload: _Optional[str] = ..., status: _Optional[str] = ..., priority: _Optional[int] = ..., retry_count: _Optional[int] = ..., max_retries: _Optional[int] = ..., error_message: _Optional[str] = ..., delay: _Optional[int] = ..., scheduled_at: _Optional[int] = ..., started_at: _Optional[int] = ..., completed_at: _Optional[int] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., lease_id: _Optional[str] = ..., attempt: _Optional[int] = ..., lease_expires_at_ms: _Optional[int] = ..., worker_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class CompleteJobRequest(_message.Message):
     __slots__ = ("job_id", "lease_id")
@@ -189,16 +195,18 @@ class EnqueueJobsResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ...) -> None: ...
 
 class ItemResult(_message.Message):
-    __slots__ = ("job_id", "code", "message", "status")
+    __slots__ = ("job_id", "code", "message", "status", "duplicate")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     code: int
     message: str
     status: str
-    def __init__(self, job_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, job_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("job_id", "lease_id", "failed", "error_message", "release")

@@ -388,3 +388,28 @@ def test_retries_left(retry_count: int, max_retries: int, left: bool) -> None:
 def test_job_defaults() -> None:
     assert (JOB.retry_count, JOB.attempt, JOB.lost_leases, JOB.seq, JOB.version) == (0, 0, 0, 0, 1)
     assert JOB.lease_id is None and JOB.started_at is None and JOB.error_message == ""
+
+
+# -- idempotency keys ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key", ["a", "order-42", " ~", "x" * 200, "".join(chr(c) for c in range(0x20, 0x7F))]
+)
+def test_idempotency_key_accepted(key: str) -> None:
+    assert check(idempotency_key=key) == spec(idempotency_key=key)
+
+
+@pytest.mark.parametrize(
+    "key", ["", "x" * 201, "caf\u00e9", "tab\there", "new\nline", "nul\x00", "del\x7f", "k\n"]
+)
+def test_idempotency_key_rejected(key: str) -> None:
+    result = check(idempotency_key=key)
+    assert isinstance(result, Rejected)
+    assert result.reason is INVALID and result.field == "idempotency_key"
+    assert "1 to 200 characters of printable ASCII" in result.message
+
+
+def test_idempotency_key_defaults_to_none() -> None:
+    assert check() == spec()
+    assert spec().idempotency_key is None and JOB.idempotency_key is None

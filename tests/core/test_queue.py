@@ -887,3 +887,80 @@ def test_core_accepts_an_injected_sequence_clock() -> None:
     core = QueueCore(new_id=lambda: "l", seq_clock=clock)
     job = expect_job(core.enqueue(EnqueueRequest(job_type="t"), job_id="j", now=T0))
     assert job.seq == 10**15 + 1 and clock.last == job.seq
+
+
+# -- idempotency keys ----------------------------------------------------------------
+
+
+def _keyed(h: Harness, key: str, job_id: str, **fields: object) -> Job:
+    request = EnqueueRequest(job_type="t", idempotency_key=key, **fields)  # type: ignore[arg-type]
+    return expect_job(h.core.enqueue(request, job_id=job_id, now=h.now))
+
+
+def test_find_key_follows_the_job_while_it_is_in_memory() -> None:
+    h = Harness()
+    job = _keyed(h, "k1", "a")
+    h.enqueue(job_id="plain")
+    assert job.idempotency_key == "k1"
+    assert h.core.find_key("k1") == "a"
+    assert h.core.find_key("k2") is None
+    claimed = expect_job(h.core.claim("t", now=h.now, worker_id="w"))
+    assert claimed.id == "a" and h.core.find_key("k1") == "a"  # kept across changes
+    expect_job(h.core.complete("a", lease_id=claimed.lease_id, now=h.now))
+    assert h.core.find_key("k1") is None  # left memory: the record store knows it
+
+
+def test_find_key_of_cancelled_dead_and_purged_jobs() -> None:
+    h = Harness()
+    _keyed(h, "c", "cancelled")
+    expect_job(h.core.cancel("cancelled", now=h.now))
+    assert h.core.find_key("c") is None
+    _keyed(h, "d", "dead", max_retries=0)
+    leased = expect_job(h.core.claim("t", now=h.now, worker_id="w"))
+    dead = expect_job(h.core.fail("dead", lease_id=leased.lease_id, error="x", now=h.now))
+    assert dead.status is Status.FAILED and h.core.find_key("d") == "dead"  # any status
+    expect_job(h.core.purge("dead", now=h.now))
+    assert h.core.find_key("d") is None
+
+
+def test_find_key_of_new_record_and_restored_jobs() -> None:
+    h = Harness()
+    spec = JobSpec(
+        job_type="t",
+        payload="{}",
+        priority=2,
+        delay=30,
+        max_retries=2,
+        scheduled_at=h.now,
+        idempotency_key="n",
+    )
+    record = h.core.new_record(spec, job_id="new", now=h.now)
+    assert record.idempotency_key == "n"
+    assert h.core.find_key("n") is None  # not in memory until restored (after its write)
+    h.core.restore(record, now=h.now)
+    assert h.core.find_key("n") == "new"
+    running = attrs.evolve(
+        record,
+        id="run",
+        idempotency_key="r",
+        status=Status.RUNNING,
+        lease_id="l",
+        lease_expires_at=h.now + 60,
+    )
+    h.core.restore(running, now=h.now)  # requeued: still indexed
+    assert h.core.find_key("r") == "run"
+    done = attrs.evolve(record, id="done", idempotency_key="x", status=Status.COMPLETED)
+    h.core.restore(done, now=h.now)
+    assert h.core.find_key("x") is None
+
+
+def test_find_key_when_two_jobs_in_memory_share_a_key() -> None:
+    # The broker never lets this happen; the index stays consistent anyway.
+    h = Harness()
+    _keyed(h, "k", "first")
+    _keyed(h, "k", "second")
+    assert h.core.find_key("k") == "second"
+    expect_job(h.core.cancel("first", now=h.now))
+    assert h.core.find_key("k") == "second"  # removing the other holder keeps it
+    expect_job(h.core.cancel("second", now=h.now))
+    assert h.core.find_key("k") is None

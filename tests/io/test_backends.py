@@ -190,6 +190,7 @@ def test_round_trip_of_every_field(backend: Backend) -> None:
         lease_expires_at=NOW + 60.000001,
         worker_id="w\u00f6rker-\U0001f986",
         version=2**40,
+        idempotency_key="order-42 ~!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}" + "k" * 160,
     )
     sparse = make_job(1)  # every optional field None, every default
     big = make_job(2, payload='{"p": "' + "\u00e9\U0001f986x" * (1024 * 1024 // 7) + '"}')
@@ -201,6 +202,27 @@ def test_round_trip_of_every_field(backend: Backend) -> None:
         assert stored is not None and stored.payload.encode() == job.payload.encode()
     assert backend.get("no-such-job") is None
     assert {job.id: job for job in backend.load_active()} == {j.id: j for j in (full, sparse, big)}
+
+
+def test_find_key(backend: Backend, reopen: Callable[[Backend], Backend]) -> None:
+    keyed = make_job(1, idempotency_key="order-1")
+    done = make_job(2, idempotency_key="order-2", status=Status.COMPLETED)
+    backend.commit(Batch([keyed, done, make_job(3)], ()))
+    assert backend.find_key("order-1") == keyed
+    assert backend.find_key("order-2") == done  # any status
+    assert backend.find_key("order-3") is None
+    assert backend.find_key("ORDER-1") is None  # keys are case-sensitive
+    # two rows with one key (never written by the broker): the oldest answers
+    later = make_job(4, idempotency_key="order-1", created_at=NOW + 1)
+    backend.commit(Batch([later], ()))
+    assert backend.find_key("order-1") == keyed
+    backend.commit(Batch([], ["job-1"]))  # purged: the key is free again
+    assert backend.find_key("order-1") == later
+    again = reopen(backend)
+    if isinstance(again, MemoryBackend):
+        assert again.find_key("order-2") is None
+    else:
+        assert again.find_key("order-2") == done
 
 
 def test_version_guard_keeps_the_newest_record(backend: Backend) -> None:
@@ -403,14 +425,52 @@ COMMIT;
 """
 
 
+def _v1_row(job: Job) -> tuple[object, ...]:
+    """A row of the version-1/2 jobs table (no idempotency_key column)."""
+    assert job.idempotency_key is None
+    return job_to_row(job)[:-1]
+
+
+def test_sqlite_version_2_file_is_migrated_to_3_and_keeps_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "stackduck.db"
+    jobs = [make_job(1), make_job(2, status=Status.COMPLETED)]
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(_SQLITE_V1)
+    db.executescript(
+        "BEGIN; CREATE TABLE paused_types (job_type TEXT PRIMARY KEY, paused_at REAL);"
+        "INSERT INTO paused_types VALUES ('img', 1.0); PRAGMA user_version = 2; COMMIT;"
+    )
+    db.executemany(
+        f"INSERT INTO jobs VALUES ({', '.join('?' * len(_v1_row(jobs[0])))})",
+        [_v1_row(job) for job in jobs],
+    )
+    db.close()
+    backend = SqliteBackend(path)
+    backend.open()
+    try:
+        assert backend.db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert backend.load_active() == [jobs[0]]
+        assert backend.get("job-2") == jobs[1]
+        assert backend.load_paused() == ["img"]
+        keyed = make_job(3, idempotency_key="k")
+        backend.commit(Batch([keyed], ()))
+        assert backend.find_key("k") == keyed
+        plan = backend.db.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE idempotency_key = ?", ("k",)
+        ).fetchall()
+        assert "jobs_idempotency_key" in str(plan), plan
+    finally:
+        backend.close()
+
+
 def test_sqlite_version_1_file_is_migrated_on_open_and_keeps_its_jobs(tmp_path: Path) -> None:
     path = tmp_path / "stackduck.db"
     jobs = [make_job(1), make_job(2, status=Status.COMPLETED), make_job(3, job_type="img")]
     db = sqlite3.connect(path, isolation_level=None)
     db.executescript(_SQLITE_V1)
     db.executemany(
-        f"INSERT INTO jobs VALUES ({', '.join('?' * len(job_to_row(jobs[0])))})",
-        [job_to_row(job) for job in jobs],
+        f"INSERT INTO jobs VALUES ({', '.join('?' * len(_v1_row(jobs[0])))})",
+        [_v1_row(job) for job in jobs],
     )
     assert db.execute("PRAGMA user_version").fetchone() == (1,)
     assert (
@@ -424,14 +484,14 @@ def test_sqlite_version_1_file_is_migrated_on_open_and_keeps_its_jobs(tmp_path: 
         assert backend.db.execute("PRAGMA user_version").fetchone() == (
             SqliteBackend.SCHEMA_VERSION,
         )
-        assert SqliteBackend.SCHEMA_VERSION == 2
+        assert SqliteBackend.SCHEMA_VERSION == 3
         assert backend.load_active() == [jobs[0], jobs[2]]
         assert backend.get("job-2") == jobs[1]
         assert backend.load_paused() == []
         backend.set_paused("img", True)
     finally:
         backend.close()
-    again = SqliteBackend(path)  # a version-2 file opens as it is
+    again = SqliteBackend(path)  # a current file opens as it is
     again.open()
     try:
         assert again.load_paused() == ["img"]
@@ -490,6 +550,7 @@ def test_pg_migrates_a_version_1_schema_and_keeps_its_jobs(pg_schema: str) -> No
     b.close()
     with admin_connection() as admin:  # back to what a version-1 server left behind
         admin.execute(f'DROP TABLE "{pg_schema}".paused_types')
+        admin.execute(f'ALTER TABLE "{pg_schema}".jobs DROP COLUMN idempotency_key')
         admin.execute(f'DELETE FROM "{pg_schema}".schema_migrations WHERE version >= 2')
     again = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
     again.open()
@@ -504,7 +565,34 @@ def test_pg_migrates_a_version_1_schema_and_keeps_its_jobs(pg_schema: str) -> No
         rows = admin.execute(
             f'SELECT version FROM "{pg_schema}".schema_migrations ORDER BY version'
         ).fetchall()
-    assert [r[0] for r in rows] == [1, 2] == list(range(1, SCHEMA_VERSION + 1))
+    assert [r[0] for r in rows] == [1, 2, 3] == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_pg_migrates_a_version_2_schema_to_3_and_keeps_its_jobs(pg_schema: str) -> None:
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    b.commit(Batch([make_job(1), make_job(2, status=Status.COMPLETED)], ()))
+    b.set_paused("t", True)
+    b.close()
+    with admin_connection() as admin:  # back to what a version-2 server left behind
+        admin.execute(f'ALTER TABLE "{pg_schema}".jobs DROP COLUMN idempotency_key')
+        admin.execute(f'DELETE FROM "{pg_schema}".schema_migrations WHERE version >= 3')
+    again = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    again.open()
+    try:
+        assert again.load_active() == [make_job(1)]
+        assert again.get("job-2") == make_job(2, status=Status.COMPLETED)
+        assert again.load_paused() == ["t"]
+        keyed = make_job(3, idempotency_key="k")
+        again.commit(Batch([keyed], ()))
+        assert again.find_key("k") == keyed
+    finally:
+        again.close()
+    with admin_connection() as admin:
+        rows = admin.execute(
+            f'SELECT version FROM "{pg_schema}".schema_migrations ORDER BY version'
+        ).fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3]
 
 
 def test_pg_indexes_serve_the_queries(pg_schema: str) -> None:
@@ -519,6 +607,8 @@ def test_pg_indexes_serve_the_queries(pg_schema: str) -> None:
             assert index in str(plan), plan
         plan = admin.execute(b"EXPLAIN " + b._q_get.as_bytes(admin), ("x",)).fetchall()
         assert "jobs_pkey" in str(plan), plan
+        plan = admin.execute(b"EXPLAIN " + b._q_find_key.as_bytes(admin), ("x",)).fetchall()
+        assert "jobs_idempotency_key" in str(plan), plan
 
 
 def test_pg_url_parameters_and_validation() -> None:
