@@ -238,10 +238,8 @@ class Dispatcher:
         stream = self._streams[sid]
         del stream.held[job_id]
         if shrink:
-            was_waiting = stream.credit > 0
             stream.prefetch = len(stream.held)
-            if was_waiting:
-                self._leave_rings(stream)
+            self._leave_rings(stream)  # no credit left (a no-op if it had none)
         elif stream.credit == 1:
             self._join_rings(stream)
         return sid

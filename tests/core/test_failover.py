@@ -377,7 +377,9 @@ def test_machine_properties_and_statistics() -> None:
 
 
 def test_invalid_transition_error() -> None:
-    error = InvalidHealthTransition("redis", H, "ReconcileFinished", "no such row in HEALTH_TRANSITIONS")
+    error = InvalidHealthTransition(
+        "redis", H, "ReconcileFinished", "no such row in HEALTH_TRANSITIONS"
+    )
     assert isinstance(error, StackduckError)
     assert str(error) == (
         "ReconcileFinished is not allowed for backend 'redis' in state 'healthy': "
