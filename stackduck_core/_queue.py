@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Final, final
 
@@ -114,6 +115,7 @@ class QueueCore:
         limits: bounds for enqueue validation.
         default_lease: lease length in seconds when none is asked for.
         seq_clock: the FIFO sequence source (shared with restored jobs).
+        outcome_memory: how many recent ack outcomes :meth:`replay` remembers.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class QueueCore:
         limits: Limits | None = None,
         default_lease: float = DEFAULT_LEASE_SECONDS,
         seq_clock: SequenceClock | None = None,
+        outcome_memory: int = 10_000,
     ) -> None:
         self._new_id = new_id
         self.policy = policy or LifecyclePolicy()
@@ -141,6 +144,11 @@ class QueueCore:
         self._dead_order: list[tuple[int, str]] = []
         self._dead_seq = 0
         self._paused: set[str] = set()
+        # (job_id, lease_id) -> how that delivery ended, for replayed acks
+        self._outcomes: OrderedDict[
+            tuple[str, str], tuple[type[Completed | Failed | Released], Job]
+        ] = OrderedDict()
+        self.outcome_memory = outcome_memory
         # (job_type, status, priority) -> count of live records
         self._counts: dict[tuple[str, Status, int], int] = {}
         # the same counts summed per status, kept in step: O(1) totals on
@@ -257,8 +265,31 @@ class QueueCore:
             and old.lease_id is not None
         ):
             self.dispatcher.settled(old.id, old.lease_id, shrink=isinstance(event, Released))
+            if isinstance(event, Completed | Failed | Released):
+                self._remember_outcome(old.id, old.lease_id, type(event), new)
         self._store(old, new)
         return new
+
+    def _remember_outcome(
+        self, job_id: str, lease_id: str, kind: type[Completed | Failed | Released], job: Job
+    ) -> None:
+        self._outcomes[job_id, lease_id] = (kind, job)
+        if len(self._outcomes) > self.outcome_memory:
+            self._outcomes.popitem(last=False)
+
+    def replay(
+        self, job_id: str, lease_id: str, kind: type[Completed | Failed | Released]
+    ) -> Job | None:
+        """The outcome an ack of this delivery already had, if it was of ``kind``.
+
+        A worker that retries an ack (its first answer was lost, or came too
+        late) must get the first answer again, not "job is completed": acks are
+        idempotent per lease. The last ``outcome_memory`` outcomes are kept.
+        """
+        remembered = self._outcomes.get((job_id, lease_id))
+        if remembered is None or remembered[0] is not kind:
+            return None
+        return remembered[1]
 
     def _lookup(self, job_id: str) -> Job | Rejected:
         job = self._jobs.get(job_id)

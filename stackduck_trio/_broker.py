@@ -40,13 +40,16 @@ import attrs
 import trio
 
 from stackduck_core import (
+    Completed,
     EnqueueRequest,
+    Failed,
     Job,
     JobSpec,
     QueueCore,
     QueueStats,
     Rejected,
     RejectReason,
+    Released,
     Status,
     validate_enqueue,
 )
@@ -438,31 +441,74 @@ class Broker:
 
     async def complete(self, job_id: str, lease_id: str | None) -> Job | Rejected:
         result = self.core.complete(job_id, lease_id=lease_id, now=self.clock.now())
+        replayed = self._replayed(job_id, lease_id, Completed, result)
+        if replayed is not None:
+            return await self._answer_replay(replayed)
         return await self._finish(job_id, result)
 
     async def fail(self, job_id: str, lease_id: str | None, error: str) -> Job | Rejected:
         result = self.core.fail(job_id, lease_id=lease_id, error=error, now=self.clock.now())
+        replayed = self._replayed(job_id, lease_id, Failed, result)
+        if replayed is not None:
+            return await self._answer_replay(replayed)
         if isinstance(result, Job) and result.status is not Status.FAILED:
             self._counters(result.job_type).retried += 1
         return await self._finish(job_id, result)
+
+    def _replayed(
+        self,
+        job_id: str,
+        lease_id: str | None,
+        kind: type[Completed | Failed | Released],
+        result: Job | Rejected,
+    ) -> Job | None:
+        """The first outcome of a retried ack (same lease, same kind), if any.
+
+        Only refused acks can be replays, and only with a lease id: an ack
+        without one acts on whatever lease is current.
+        """
+        if not isinstance(result, Rejected) or lease_id is None:
+            return None
+        if result.reason not in (
+            RejectReason.NOT_FOUND,
+            RejectReason.STALE_LEASE,
+            RejectReason.WRONG_STATE,
+        ):
+            return None
+        return self.core.replay(job_id, lease_id, kind)
+
+    async def _answer_replay(self, job: Job) -> Job:
+        # The first ack's write may still be pending: answer once everything
+        # written so far has committed (batches commit in order).
+        await self._committed(self.committer.write([]))
+        return job
 
     async def ack_many(self, acks: Sequence[AckRequest]) -> list[Job | Rejected]:
         """Complete, fail or release many jobs with one commit."""
         now = self.clock.now()
         results: list[Job | Rejected] = []
+        replays: set[int] = set()
         for job_id, lease_id, failed, error, release in acks:
             result: Job | Rejected
+            kind: type[Completed | Failed | Released]
             if release:
+                kind = Released
                 result = self.core.release(job_id, lease_id=lease_id, now=now)
             elif failed:
+                kind = Failed
                 result = self.core.fail(job_id, lease_id=lease_id, error=error, now=now)
                 if isinstance(result, Job) and result.status is not Status.FAILED:
                     self._counters(result.job_type).retried += 1
             else:
+                kind = Completed
                 result = self.core.complete(job_id, lease_id=lease_id, now=now)
+            replayed = self._replayed(job_id, lease_id, kind, result)
+            if replayed is not None:
+                replays.add(len(results))
+                result = replayed
             results.append(result)
-        changed = [r for r in results if isinstance(r, Job)]
-        done = self._persist(changed) if changed else None
+        changed = [r for i, r in enumerate(results) if isinstance(r, Job) and i not in replays]
+        done = self._persist(changed) if changed or replays else None
         self.changed()
         out = [await self._explain(ack[0], r) for ack, r in zip(acks, results, strict=True)]
         if done is not None:

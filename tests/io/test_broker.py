@@ -111,7 +111,7 @@ async def test_completed_job_explains_later_acks(
     claimed = await h.broker.claim("t", worker_id="w", lease_seconds=None)
     assert claimed is not None
     assert isinstance(await h.broker.complete(job.id, claimed.lease_id), Job)
-    again = await h.broker.complete(job.id, claimed.lease_id)
+    again = await h.broker.complete(job.id, None)  # an original client: no lease to replay
     assert isinstance(again, Rejected) and again.reason is RejectReason.WRONG_STATE
     assert "completed" in again.message
     missing = await h.broker.complete("nope", None)
@@ -234,3 +234,22 @@ async def test_restore_paused_applies_stored_pauses(
 ) -> None:
     h.broker.restore_paused(["t", "u"])
     assert h.broker.core.paused == {"t", "u"}
+
+
+async def test_a_retried_ack_gets_the_first_answer(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    from stackduck_trio._broker import AckRequest
+
+    job = await enqueue(h)
+    claimed = await h.broker.claim("t", worker_id="w", lease_seconds=None)
+    assert claimed is not None
+    first = await h.broker.complete(job.id, claimed.lease_id)
+    again = await h.broker.complete(job.id, claimed.lease_id)
+    assert isinstance(first, Job) and again == first  # not "job is completed"
+    assert h.broker.counters["t"].completed == 1  # counted once
+    [batched] = await h.broker.ack_many([AckRequest(job.id, claimed.lease_id)])
+    assert batched == first
+    # a different outcome for the same delivery is still refused
+    other = await h.broker.fail(job.id, claimed.lease_id, "late")
+    assert isinstance(other, Rejected) and other.reason is RejectReason.WRONG_STATE
