@@ -183,4 +183,5 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True):
             await committer.run_blocking(backend.close)
+        committer.stop_thread()
     log.info("stopped")

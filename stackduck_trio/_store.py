@@ -27,12 +27,15 @@ import fcntl
 import functools
 import logging
 import pathlib
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Final, Protocol, TypeVar
 
 import attrs
+import outcome
 import trio
 
 from stackduck_core import Job, Status
@@ -415,6 +418,54 @@ class MemoryBackend:
         return sorted(self.paused)
 
 
+class StoreThread:
+    """One long-lived thread that runs a backend's blocking calls in order.
+
+    ``trio.to_thread.run_sync`` hands every call to a cached thread and names
+    it, which cost ~100 us per call in profiles -- a tenth of a sequential
+    enqueue. Calls are not cancellable once queued (like ``to_thread``'s
+    default): a commit in flight finishes, and the caller sees the outcome or
+    its cancellation right after.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._calls: queue.SimpleQueue[tuple[Callable[[], object], Callable[[object], None]] | None]
+        self._calls = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            fn, deliver = call
+            deliver(outcome.capture(fn))
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+
+        def deliver(result: object) -> None:
+            # From the store thread: wake the waiting task in trio's thread.
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        self._calls.put((fn, deliver))  # type: ignore[arg-type]
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.FAILED  # the call runs to completion
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._calls.put(None)
+            self._thread = None
+
+
 class _Pending:
     __slots__ = ("deletes", "done", "on_commit", "upserts")
 
@@ -468,7 +519,7 @@ class GroupCommitter:
         self._wakeup = trio.Event()
         self._space = trio.Event()
         self._space.set()
-        self._limiter = trio.CapacityLimiter(1)
+        self._thread = StoreThread(f"stackduck-{backend.kind}")
         self._closed = False
         self._reconcile_id: int | None = None
         self._finished = trio.Event()
@@ -514,7 +565,11 @@ class GroupCommitter:
         """
         if not getattr(self.backend, "threaded", True):
             return fn()
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        return await self._thread.run(fn)
+
+    def stop_thread(self) -> None:
+        """Let the store's thread end (after the backend is closed)."""
+        self._thread.stop()
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`run` has committed everything and returned."""
