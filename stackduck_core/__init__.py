@@ -69,6 +69,8 @@ from ._job import clip_error as clip_error
 from ._job import parse_time as parse_time
 from ._job import validate_enqueue as validate_enqueue
 from ._job import validate_job_type as validate_job_type
+from ._job import validate_lease_seconds as validate_lease_seconds
+from ._job import validate_prefetch as validate_prefetch
 from ._ordering import EPOCH as EPOCH
 from ._ordering import MAX_SEQ as MAX_SEQ
 from ._ordering import SEQ_BITS as SEQ_BITS

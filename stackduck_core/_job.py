@@ -35,6 +35,8 @@ __all__ = [
     "parse_time",
     "validate_enqueue",
     "validate_job_type",
+    "validate_lease_seconds",
+    "validate_prefetch",
 ]
 
 DEFAULT_PRIORITY: Final = 2
@@ -105,6 +107,8 @@ class Limits:
             the backoff itself is capped at one hour, so a larger base means nothing.
         max_job_type_length: length limit of a job type.
         max_schedule_ahead: how far in the future ``scheduled_at`` may lie, seconds.
+        max_prefetch: most un-acked jobs a worker stream may ask for.
+        max_lease_seconds: longest lease a worker may ask for.
     """
 
     max_payload_bytes: int = 1024 * 1024
@@ -113,6 +117,8 @@ class Limits:
     max_delay: int = 3600
     max_job_type_length: int = 128
     max_schedule_ahead: float = 366 * 86400.0
+    max_prefetch: int = 1000
+    max_lease_seconds: int = 86400
 
 
 @final
@@ -248,6 +254,18 @@ def clip_error(error: str, limits: Limits) -> str:
     note = f" [... {len(data) - limits.max_error_bytes} more bytes]"
     head = data[: max(limits.max_error_bytes - len(note), 0)]
     return head.decode("utf-8", "ignore") + note
+
+
+def validate_prefetch(prefetch: int | None, limits: Limits) -> int | Rejected:
+    """A worker stream's prefetch: 1 when omitted, else within ``1..max_prefetch``."""
+    return _check_int("prefetch", prefetch, 1, 1, limits.max_prefetch)
+
+
+def validate_lease_seconds(lease_seconds: int | None, limits: Limits) -> int | None | Rejected:
+    """A requested lease length: ``None`` (the server's default) when omitted."""
+    if lease_seconds is None:
+        return None
+    return _check_int("lease_seconds", lease_seconds, 0, 1, limits.max_lease_seconds)
 
 
 def validate_job_type(job_type: str, limits: Limits, field: str = "job_type") -> Rejected | None:

@@ -25,6 +25,8 @@ from stackduck_core import (
     Rejected,
     route,
     validate_job_type,
+    validate_lease_seconds,
+    validate_prefetch,
 )
 
 from ._broker import (
@@ -41,8 +43,6 @@ from ._rpc import CallContext, RpcError
 
 log = logging.getLogger("stackduck.service")
 
-MAX_PREFETCH: Final = 1000
-MAX_LEASE_SECONDS: Final = 86400
 MAX_BATCH: Final = 10_000
 MAX_LIST: Final = 1000
 #: Longest job or worker id accepted (ours are 36-character UUIDs).
@@ -113,17 +113,19 @@ def _item(result: Job | Duplicate | Rejected) -> pb.ItemResult:
     return pb.ItemResult(job_id=result.id, code=0, status=result.status.value)
 
 
-def _optional_range(
-    message: object, field: str, low: int, high: int, default: int | None
-) -> int | None:
+def _optional(message: object, field: str) -> int | None:
+    """A proto3 ``optional`` scalar, or ``None`` when the client omitted it."""
     if not message.HasField(field):  # type: ignore[attr-defined]
-        return default
+        return None
     value: int = getattr(message, field)
-    if not low <= value <= high:
-        raise RpcError(
-            StatusCode.INVALID_ARGUMENT, f"{field} must be between {low} and {high}, got {value}"
-        )
     return value
+
+
+def _lease_length(message: object, limits: Limits) -> float | None:
+    lease = validate_lease_seconds(_optional(message, "lease_seconds"), limits)
+    if isinstance(lease, Rejected):
+        raise RpcError(StatusCode.INVALID_ARGUMENT, lease.message)
+    return None if lease is None else float(lease)
 
 
 def _lease_or_none(lease_id: str) -> str | None:
@@ -166,15 +168,17 @@ class StackDuckService:
             )
         for job_type in job_types:
             _check_type(job_type, self.broker.core.limits, "job_types")
-        prefetch = _optional_range(request, "prefetch", 1, MAX_PREFETCH, 1)
-        lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
-        assert prefetch is not None
+        limits = self.broker.core.limits
+        prefetch = validate_prefetch(_optional(request, "prefetch"), limits)
+        if isinstance(prefetch, Rejected):
+            raise RpcError(StatusCode.INVALID_ARGUMENT, prefetch.message)
+        lease = _lease_length(request, limits)
         try:
             stream_id, jobs = self.broker.open_stream(
                 worker_id=_worker_id(request.worker_id, ctx.peer),
                 job_types=job_types,
                 prefetch=prefetch,
-                lease_seconds=None if lease is None else float(lease),
+                lease_seconds=lease,
             )
         except Unavailable as exc:
             raise RpcError(StatusCode.UNAVAILABLE, str(exc)) from exc
@@ -226,12 +230,12 @@ class StackDuckService:
         self, request: pb.DequeueJobRequest, ctx: CallContext
     ) -> pb.DequeueJobResponse:
         _check_type(request.queue_name, self.broker.core.limits, "queue_name")
-        lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
+        lease = _lease_length(request, self.broker.core.limits)
         job = await self._call(
             self.broker.claim(
                 request.queue_name,
                 worker_id=_worker_id(request.worker_id, ctx.peer),
-                lease_seconds=None if lease is None else float(lease),
+                lease_seconds=lease,
             )
         )
         if job is None:
@@ -287,13 +291,13 @@ class StackDuckService:
         self, request: pb.ExtendLeaseRequest, ctx: CallContext
     ) -> pb.ExtendLeaseResponse:
         _require_id(request.job_id)
-        lease = _optional_range(request, "lease_seconds", 1, MAX_LEASE_SECONDS, None)
+        lease = _lease_length(request, self.broker.core.limits)
         job = _raise_for(
             await self._call(
                 self.broker.extend(
                     request.job_id,
                     _lease_or_none(request.lease_id),
-                    None if lease is None else float(lease),
+                    lease,
                 )
             )
         )

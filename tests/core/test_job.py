@@ -413,3 +413,33 @@ def test_idempotency_key_rejected(key: str) -> None:
 def test_idempotency_key_defaults_to_none() -> None:
     assert check() == spec()
     assert spec().idempotency_key is None and JOB.idempotency_key is None
+
+
+@pytest.mark.parametrize(
+    ("prefetch", "expected"),
+    [(None, 1), (1, 1), (1000, 1000), (0, None), (1001, None), (-3, None)],
+)
+def test_validate_prefetch_golden(prefetch: int | None, expected: int | None) -> None:
+    from stackduck_core import validate_prefetch
+
+    result = validate_prefetch(prefetch, Limits())
+    if expected is None:
+        assert isinstance(result, Rejected) and result.field == "prefetch"
+        assert result.message == f"prefetch must be between 1 and 1000, got {prefetch}"
+    else:
+        assert result == expected
+
+
+@pytest.mark.parametrize(
+    ("lease", "expected"),
+    [(None, None), (1, 1), (86400, 86400), (0, "bad"), (86401, "bad")],
+)
+def test_validate_lease_seconds_golden(lease: int | None, expected: int | str | None) -> None:
+    from stackduck_core import validate_lease_seconds
+
+    result = validate_lease_seconds(lease, Limits())
+    if expected == "bad":
+        assert isinstance(result, Rejected) and result.field == "lease_seconds"
+        assert "between 1 and 86400" in result.message
+    else:
+        assert result == expected
