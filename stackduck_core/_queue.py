@@ -278,14 +278,29 @@ class QueueCore:
             self._outcomes.popitem(last=False)
 
     def replay(
-        self, job_id: str, lease_id: str, kind: type[Completed | Failed | Released]
+        self,
+        job_id: str,
+        lease_id: str | None,
+        kind: type[Completed | Failed | Released],
+        refusal: Rejected,
     ) -> Job | None:
-        """The outcome an ack of this delivery already had, if it was of ``kind``.
+        """The first answer to an ack that was just refused, if it is a retry.
 
         A worker that retries an ack (its first answer was lost, or came too
-        late) must get the first answer again, not "job is completed": acks are
-        idempotent per lease. The last ``outcome_memory`` outcomes are kept.
+        late) must get that answer again, not "job is completed": acks are
+        idempotent per lease. It is a retry when the same delivery (job and
+        lease) already had an outcome of the same ``kind``; an ack without a
+        lease acts on whatever lease is current and is never a retry. The last
+        ``outcome_memory`` outcomes are kept.
+
+        Args:
+            job_id: the acked job.
+            lease_id: the lease the ack names, if any.
+            kind: the event the ack asked for.
+            refusal: why :meth:`complete`, :meth:`fail` or :meth:`release` refused it.
         """
+        if lease_id is None or refusal.reason not in _REPLAYABLE:
+            return None
         remembered = self._outcomes.get((job_id, lease_id))
         if remembered is None or remembered[0] is not kind:
             return None
@@ -699,6 +714,12 @@ class QueueCore:
             dead=len(self._dead),
             streams=self.dispatcher.statistics().streams,
         )
+
+
+#: Refusals an already settled delivery produces when its ack is retried.
+_REPLAYABLE: Final = frozenset(
+    {RejectReason.NOT_FOUND, RejectReason.STALE_LEASE, RejectReason.WRONG_STATE}
+)
 
 
 def _check_lease(lease_seconds: float | None) -> None:

@@ -462,20 +462,10 @@ class Broker:
         kind: type[Completed | Failed | Released],
         result: Job | Rejected,
     ) -> Job | None:
-        """The first outcome of a retried ack (same lease, same kind), if any.
-
-        Only refused acks can be replays, and only with a lease id: an ack
-        without one acts on whatever lease is current.
-        """
-        if not isinstance(result, Rejected) or lease_id is None:
+        """The first outcome of a retried ack (the core decides what is a retry)."""
+        if not isinstance(result, Rejected):
             return None
-        if result.reason not in (
-            RejectReason.NOT_FOUND,
-            RejectReason.STALE_LEASE,
-            RejectReason.WRONG_STATE,
-        ):
-            return None
-        return self.core.replay(job_id, lease_id, kind)
+        return self.core.replay(job_id, lease_id, kind, result)
 
     async def _answer_replay(self, job: Job) -> Job:
         # The first ack's write may still be pending: answer once everything

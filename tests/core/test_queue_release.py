@@ -6,7 +6,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from stackduck_core import Job, Limits, RejectReason, Status, clip_error
+from stackduck_core import Job, Limits, Rejected, RejectReason, Status, clip_error
 from tests.core.harness import Harness, expect_job, expect_rejected
 
 
@@ -239,21 +239,27 @@ def test_new_record_is_stamped_before_it_is_written() -> None:
 def test_outcomes_are_remembered_per_lease_for_replayed_acks() -> None:
     from stackduck_core import Completed, Failed, QueueCore, Released
 
+    REFUSED = Rejected(RejectReason.WRONG_STATE, "refused")  # noqa: N806
+
     h = Harness()
     h.core = QueueCore(new_id=h.new_lease_id, outcome_memory=2)
     done, failed, given_back = h.enqueue(), h.enqueue(max_retries=1), h.enqueue()
     a, b, c = h.claim(), h.claim(), h.claim()
     completed = expect_job(h.core.complete(a.id, lease_id=a.lease_id, now=h.now))
-    assert h.core.replay(done.id, a.lease_id or "", Completed) is completed
-    assert h.core.replay(done.id, a.lease_id or "", Failed) is None  # another kind of ack
-    assert h.core.replay(done.id, "other-lease", Completed) is None
+    assert h.core.replay(done.id, a.lease_id or "", Completed, REFUSED) is completed
+    assert h.core.replay(done.id, a.lease_id or "", Failed, REFUSED) is None  # another kind of ack
+    assert h.core.replay(done.id, "other-lease", Completed, REFUSED) is None
     retried = expect_job(h.core.fail(b.id, lease_id=b.lease_id, error="x", now=h.now))
-    assert h.core.replay(failed.id, b.lease_id or "", Failed) is retried
+    assert h.core.replay(failed.id, b.lease_id or "", Failed, REFUSED) is retried
     released = expect_job(h.core.release(c.id, lease_id=c.lease_id, now=h.now))
-    assert h.core.replay(given_back.id, c.lease_id or "", Released) is released
+    assert h.core.replay(given_back.id, c.lease_id or "", Released, REFUSED) is released
     # only the last two outcomes are kept
-    assert h.core.replay(done.id, a.lease_id or "", Completed) is None
+    assert h.core.replay(done.id, a.lease_id or "", Completed, REFUSED) is None
+    # not for acks without a lease, nor for refusals a retry cannot produce
+    assert h.core.replay(given_back.id, None, Released, REFUSED) is None
+    bad = Rejected(RejectReason.INVALID_ARGUMENT, "bad")
+    assert h.core.replay(given_back.id, c.lease_id, Released, bad) is None
     # extensions and lost leases are not ack outcomes
     d = h.claim()
     expect_job(h.core.extend(d.id, lease_id=d.lease_id, now=h.now))
-    assert h.core.replay(d.id, d.lease_id or "", Completed) is None
+    assert h.core.replay(d.id, d.lease_id or "", Completed, REFUSED) is None
