@@ -74,9 +74,12 @@ from ._job import validate_prefetch as validate_prefetch
 from ._ordering import EPOCH as EPOCH
 from ._ordering import MAX_SEQ as MAX_SEQ
 from ._ordering import SEQ_BITS as SEQ_BITS
+from ._ordering import Placement as Placement
 from ._ordering import SequenceClock as SequenceClock
 from ._ordering import decode_score as decode_score
 from ._ordering import order_key as order_key
+from ._ordering import placement as placement
+from ._ordering import ready_seq as ready_seq
 from ._ordering import score as score
 from ._queue import DEFAULT_LEASE_SECONDS as DEFAULT_LEASE_SECONDS
 from ._queue import Delivery as Delivery
@@ -100,11 +103,13 @@ from ._states import LeaseExtended as LeaseExtended
 from ._states import LifecyclePolicy as LifecyclePolicy
 from ._states import Promoted as Promoted
 from ._states import Purged as Purged
+from ._states import Recovery as Recovery
 from ._states import Released as Released
 from ._states import Requeued as Requeued
 from ._states import WorkerDetached as WorkerDetached
 from ._states import apply as apply
 from ._states import needs_new_seq as needs_new_seq
 from ._states import new_job as new_job
+from ._states import recover_claim as recover_claim
 
 __version__ = "0.2.0"

@@ -162,6 +162,10 @@ class Dispatcher:
         """Job types at least one stream has credit for."""
         return frozenset(self._rings)
 
+    def credit(self, job_type: str) -> int:
+        """How many more jobs of ``job_type`` the streams that want it could take."""
+        return sum(self._streams[sid].credit for sid in self._rings.get(job_type, ()))
+
     def plan(self, ready: Mapping[str, int]) -> list[tuple[int, str]]:
         """Assign ready jobs to streams.
 

@@ -28,15 +28,21 @@ from __future__ import annotations
 import math
 from typing import Final
 
+import attrs
+
 from ._errors import StackduckError
+from ._job import Job, Status
 
 __all__ = [
     "EPOCH",
     "MAX_SEQ",
     "SEQ_BITS",
+    "Placement",
     "SequenceClock",
     "decode_score",
     "order_key",
+    "placement",
+    "ready_seq",
     "score",
 ]
 
@@ -102,3 +108,47 @@ class SequenceClock:
             raise StackduckError(f"sequence {seq} exceeds the {SEQ_BITS}-bit budget")
         self._last = seq
         return seq
+
+
+def ready_seq(ready_at: float) -> int:
+    """The ``seq`` a job ready at ``ready_at`` takes in a shared queue tier.
+
+    The job's ready time in whole microseconds since :data:`EPOCH`, clamped
+    to the budget, with no per-instance clock: instances that promote
+    scheduled jobs in a shared tier agree on it, and jobs due at the same
+    microsecond tie (the tier then orders them by id).
+    """
+    offset = (ready_at - EPOCH) * 1_000_000
+    if not math.isfinite(offset):
+        raise StackduckError(f"ready time {ready_at!r} is not a finite time")
+    return min(max(int(offset), 0), MAX_SEQ)
+
+
+@attrs.frozen
+class Placement:
+    """Where a job sits in a shared queue tier.
+
+    Attributes:
+        ready: deliverable now (``queued``); otherwise it waits until ``due``.
+        score: its ready-set score (for a scheduled job: once it is due).
+        due: when it becomes deliverable.
+    """
+
+    ready: bool
+    score: float
+    due: float
+
+
+def placement(job: Job) -> Placement | None:
+    """The tier placement of a queued or scheduled job; ``None`` for any other status.
+
+    A queued job keeps the ``seq`` its record carries (stamped by the
+    instance that queued it); one that has none, and every scheduled job,
+    takes :func:`ready_seq` of its due time.
+    """
+    if job.status is Status.QUEUED:
+        seq = job.seq or ready_seq(job.scheduled_at)
+        return Placement(True, score(job.priority, seq), job.scheduled_at)
+    if job.status is Status.SCHEDULED:
+        return Placement(False, score(job.priority, ready_seq(job.scheduled_at)), job.scheduled_at)
+    return None

@@ -370,6 +370,64 @@ class QueueCore:
         assert isinstance(result, Job)
         return result
 
+    def admit(self, job: Job, *, now: float) -> Job:
+        """Take in a job claimed from a shared queue tier, ready for dispatch.
+
+        ``job`` is queued, or scheduled and due at ``now`` (the tier promoted
+        it): it is promoted here too and takes its place in the local order.
+        Returns the record as held.
+
+        Raises:
+            ValueError: ``job`` is of another status, not due, or held already.
+        """
+        if job.id in self._jobs:
+            raise ValueError(f"job {job.id} is held already")
+        if job.status is Status.SCHEDULED:
+            if job.scheduled_at > now:
+                raise ValueError(f"job {job.id} is not due")
+            self._store(None, job)
+            result = self._change(job, Promoted(now=now))
+            assert isinstance(result, Job)
+            return result
+        if job.status is not Status.QUEUED:
+            raise ValueError(f"job {job.id} is {job.status.value}, not queued")
+        return self.restore(job, now=now)
+
+    def decide(self, job: Job, event: Event) -> Job | Rejected | None:
+        """Apply ``event`` to a record this core does not hold (read from a store).
+
+        The same transition, and the same FIFO ``seq`` stamping, as for a held
+        job; no index changes. ``None`` means the job is deleted (purged).
+        """
+        new = apply(job, event, self.policy)
+        if new is not None and not isinstance(new, Rejected):
+            if new.status is Status.QUEUED and needs_new_seq(job, new):
+                new = attrs.evolve(new, seq=self.seq_clock.next(new.scheduled_at))
+        return new
+
+    def evict(self, job_id: str) -> Job | None:
+        """Forget a job that is not running (it went back to a shared tier).
+
+        Returns the record forgotten, or ``None`` when the job is not held or
+        is running (a delivery in progress is never forgotten).
+        """
+        job = self._jobs.get(job_id)
+        if job is None or job.status is Status.RUNNING:
+            return None
+        self._store(job, None)
+        return job
+
+    def demand(self, job_type: str) -> int:
+        """How many more jobs of ``job_type`` the attached streams could take now.
+
+        Their free credit minus the jobs of that type ready here already; 0
+        while the type is paused. A runtime claiming from a shared tier asks
+        for this many, so claimed jobs go straight to streams.
+        """
+        if job_type in self._paused:
+            return 0
+        return max(self.dispatcher.credit(job_type) - self.ready_count(job_type), 0)
+
     def cancel(self, job_id: str, *, now: float) -> _Result:
         """Cancel a scheduled, queued or running job."""
         job = self._lookup(job_id)
@@ -681,6 +739,11 @@ class QueueCore:
         the record store.
         """
         return self._keys.get(key)
+
+    def ready_jobs(self, job_type: str) -> list[Job]:
+        """The queued jobs of ``job_type``, in delivery order."""
+        heap = self._ready.get(job_type, [])
+        return [self._jobs[e[2]] for e in sorted(heap) if self._live_ready(e)]
 
     def ready_count(self, job_type: str) -> int:
         """How many jobs of ``job_type`` are queued (paused or not)."""

@@ -79,9 +79,11 @@ __all__ = [
     "Released",
     "Requeued",
     "WorkerDetached",
+    "Recovery",
     "apply",
     "needs_new_seq",
     "new_job",
+    "recover_claim",
 ]
 
 
@@ -509,3 +511,42 @@ _VERB: Final[dict[type[Event], str]] = {
     Requeued: "requeue",
     Purged: "purge",
 }
+
+
+@final
+@attrs.frozen
+class Recovery:
+    """What becomes of a job whose instance's claim in a shared tier expired.
+
+    Attributes:
+        write: the record to write to the record store (``None``: it is
+            right as it is).
+        requeue: the record to put back into the tier (``None``: the job
+            leaves the tier).
+    """
+
+    write: Job | None
+    requeue: Job | None
+
+
+def recover_claim(job: Job | None, *, now: float, policy: LifecyclePolicy | None = None) -> Recovery:
+    """Decide for a job claimed by an instance that stopped renewing its claims.
+
+    The instance died or lost the tier for a whole claim period, so nothing it
+    delivered can still be acked through it. ``job`` is the record store's
+    current record (``None`` if the row is gone):
+
+    * finished (completed, cancelled, dead-lettered) or gone: leaves the tier;
+    * queued or scheduled (the instance claimed it but never delivered it, or
+      settled the store but not the tier): back into the tier as it is;
+    * running: its delivery lost its lease like a vanished worker's -- requeued
+      in its FIFO place, or dead-lettered by the poison-pill guard.
+    """
+    if job is None or job.status in (Status.COMPLETED, Status.CANCELLED, Status.FAILED):
+        return Recovery(None, None)
+    if job.status is not Status.RUNNING:
+        return Recovery(None, job)
+    event = WorkerDetached(now=now, lease_id=job.lease_id or "", counted=True)
+    result = apply(job, event, policy)
+    assert isinstance(result, Job)
+    return Recovery(result, result if result.status is Status.QUEUED else None)
