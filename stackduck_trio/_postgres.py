@@ -95,12 +95,24 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from stackduck_core import Job
 
 from ._config import ConfigError
-from ._store import _COLUMNS, ACTIVE_STATUSES, Batch, StorageUnavailable, row_to_job
+from ._store import (
+    _COLUMNS,
+    ACTIVE_STATUSES,
+    WAITING_STATUSES,
+    Batch,
+    StorageUnavailable,
+    _check_limit,
+    _plain_text,
+    dead_page_token,
+    parse_dead_page_token,
+    parse_id_token,
+    row_to_job,
+)
 
 log = logging.getLogger("stackduck.store.postgres")
 
 #: The newest schema version this code knows; see :data:`_MIGRATIONS`.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 5
 DEFAULT_SCHEMA: Final = "stackduck"
 
 # Column types, used by COPY's binary format (which needs exact types).
@@ -141,10 +153,27 @@ _ROW_OF: Final = operator.attrgetter(*_COLUMNS)
 _ACTIVE_SQL: Final = "status IN ('scheduled', 'queued', 'running', 'failed')"
 if {s.value for s in ACTIVE_STATUSES} != {"scheduled", "queued", "running", "failed"}:
     raise RuntimeError("ACTIVE_STATUSES changed: add a migration for the jobs_active index")
+# Likewise for load_queued and the jobs_queued index of migration 4.
+_WAITING_SQL: Final = "status IN ('queued', 'scheduled')"
+if {s.value for s in WAITING_STATUSES} != {"queued", "scheduled"}:
+    raise RuntimeError("WAITING_STATUSES changed: add a migration for the jobs_queued index")
+# The time of death (``died_at`` in _store): the dead-letter order, and the
+# leading expression of migration 4's jobs_dead indexes. Queries spell it
+# exactly so, or the planner cannot match the index expression.
+_DEAD_AT: Final = "coalesce(completed_at, 0)"
+# The running rows nobody claimed through the record store's queue tier: the
+# predicate of migration 5's jobs_running index, spelled the same in the query.
+_UNCLAIMED_RUNNING_SQL: Final = "status = 'running' AND claim_token IS NULL"
 
 # Migrations: (version, description, statements). Never edit a released one;
 # append a new version. ``{jobs}`` is the schema-qualified jobs table,
 # ``{paused}`` the schema-qualified paused_types table.
+#
+# HOT: a lease-extension heartbeat rewrites a running row changing only
+# lease_expires_at, updated_at and version. PostgreSQL updates a row in place
+# (a HOT update: no new index entries, no index bloat) only if no index uses a
+# changed column, in its keys, expressions or predicate. So no index may
+# mention those three columns (test_pg_heartbeat_updates_are_hot checks it).
 _MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
     (
         1,
@@ -197,6 +226,60 @@ _MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
             # the broker dedupes keys before it writes.
             "CREATE INDEX jobs_idempotency_key ON {jobs} (idempotency_key) "
             "WHERE idempotency_key IS NOT NULL",
+        ),
+    ),
+    (
+        4,
+        "dead-letter and waiting-row indexes (list_dead, dead_ids, load_queued)",
+        (
+            # Ids compare in code-point order (COLLATE "C"), whatever the
+            # database's collation: the same order as SQLite and Python, and
+            # cheaper. Queries spell the same collation, or the index is unusable.
+            # Partial indexes: only dead (or waiting) rows, however many
+            # completed rows pile up. Dead rows by the time of death
+            # (completed_at, NULL as 0), never updated_at (see HOT above).
+            # INCLUDE (completed_at): the planner only reads an expression's
+            # column from an index that holds it, so dead_ids stays index-only.
+            f'CREATE INDEX jobs_dead ON {{jobs}} (({_DEAD_AT}), id COLLATE "C") '
+            "INCLUDE (completed_at) WHERE status = 'failed'",
+            # One type's dead jobs: without it a rare type's page would walk
+            # every dead job of the other types before it.
+            f'CREATE INDEX jobs_dead_type ON {{jobs}} (job_type, ({_DEAD_AT}), id COLLATE "C") '
+            "INCLUDE (completed_at) WHERE status = 'failed'",
+            'CREATE INDEX jobs_queued ON {jobs} (id COLLATE "C") WHERE ' + _WAITING_SQL,
+        ),
+    ),
+    (
+        5,
+        "claim columns and indexes (the record store as a queue tier), stale_running index",
+        (
+            # Claims of stackduck_trio._pgtier. Not record columns: the record
+            # upserts list their columns and never touch these.
+            "ALTER TABLE {jobs} ADD COLUMN claim_token text, ADD COLUMN claim_owner text, "
+            "ADD COLUMN claim_until double precision",
+            # Each predicate is spelled as in PostgresTier's queries, so the
+            # planner can prove the partial index applies. None of these
+            # columns changes on a heartbeat (see HOT above).
+            # A type's ready rows in claim order (and the ready counts).
+            "CREATE INDEX jobs_ready ON {jobs} (job_type, priority, seq) "
+            "WHERE status = 'queued' AND claim_token IS NULL",
+            # A type's due scheduled rows, by due time.
+            "CREATE INDEX jobs_due ON {jobs} (job_type, scheduled_at) "
+            "WHERE status = 'scheduled' AND claim_token IS NULL",
+            # The next due time over every type: jobs_due cannot answer it
+            # (job_type leads), this one is min() as one index probe.
+            "CREATE INDEX jobs_next_due ON {jobs} (scheduled_at) "
+            "WHERE status = 'scheduled' AND claim_token IS NULL",
+            # Expired claims, in the reaper's order (no sort under its LIMIT).
+            # claim_until is indexed, so PostgresTier.renew (a batch every
+            # claim_seconds / 3) is not a HOT update; record heartbeats still are.
+            'CREATE INDEX jobs_claims ON {jobs} (claim_until, id COLLATE "C") '
+            "WHERE claim_token IS NOT NULL",
+            # stale_running: the running rows in started_at order (its
+            # ORDER BY spells the same NULLS FIRST); the sweeper filters on
+            # lease_expires_at, which is deliberately not indexed.
+            'CREATE INDEX jobs_running ON {jobs} (started_at NULLS FIRST, id COLLATE "C") '
+            "WHERE " + _UNCLAIMED_RUNNING_SQL,
         ),
     ),
 )
@@ -541,6 +624,34 @@ class PostgresBackend:
         self._q_counts = sql.SQL("SELECT status, count(*) FROM {jobs} GROUP BY status").format(
             jobs=jobs
         )
+        # Keyset pages (migration 4's indexes); the first page starts after (-inf, '').
+        dead = (
+            "FROM {jobs} WHERE status = 'failed'{of_type} "
+            f'AND ({_DEAD_AT}, id COLLATE "C") > (%s, %s) '
+            f'ORDER BY {_DEAD_AT}, id COLLATE "C" LIMIT %s'
+        )
+        of_type = sql.SQL(" AND job_type = %s")
+        self._q_dead = sql.SQL("SELECT {cols} " + dead).format(
+            cols=cols, jobs=jobs, of_type=sql.SQL("")
+        )
+        self._q_dead_type = sql.SQL("SELECT {cols} " + dead).format(
+            cols=cols, jobs=jobs, of_type=of_type
+        )
+        self._q_dead_ids = sql.SQL("SELECT id " + dead).format(jobs=jobs, of_type=sql.SQL(""))
+        self._q_dead_ids_type = sql.SQL("SELECT id " + dead).format(jobs=jobs, of_type=of_type)
+        self._q_queued = sql.SQL(
+            "SELECT {cols} FROM {jobs} WHERE " + _WAITING_SQL + ' AND id COLLATE "C" > %s '
+            'ORDER BY id COLLATE "C" LIMIT %s'
+        ).format(cols=cols, jobs=jobs)
+        self._q_load_running = sql.SQL("SELECT {cols} FROM {jobs} WHERE id = ANY(%s)").format(
+            cols=cols, jobs=jobs
+        )
+        # jobs_running (migration 5), read in its order; the lease test is a filter.
+        self._q_stale = sql.SQL(
+            "SELECT {cols} FROM {jobs} WHERE " + _UNCLAIMED_RUNNING_SQL + " "
+            "AND (lease_expires_at IS NULL OR lease_expires_at < %s) "
+            'ORDER BY started_at NULLS FIRST, id COLLATE "C" LIMIT %s'
+        ).format(cols=cols, jobs=jobs)
         paused = sql.Identifier(self.schema, "paused_types")
         # Pausing twice keeps the first pause's time; resuming twice deletes nothing.
         self._q_pause = sql.SQL(
@@ -887,3 +998,75 @@ class PostgresBackend:
         with self._connection("load paused") as (conn, _guard):
             rows: Sequence[tuple[str]] = conn.execute(self._q_paused).fetchall()
         return [job_type for (job_type,) in rows]
+
+    def _dead_rows(
+        self, job_type: str | None, start: tuple[float, str], n: int, *, ids_only: bool
+    ) -> list[tuple[Any, ...]]:
+        """The first ``n`` dead rows after ``start`` (whole records, or ids only)."""
+        with self._connection("dead-letter read") as (conn, _guard):
+            if job_type is None:
+                query = self._q_dead_ids if ids_only else self._q_dead
+                return conn.execute(query, (*start, n)).fetchall()
+            query = self._q_dead_ids_type if ids_only else self._q_dead_type
+            return conn.execute(query, (_clean(job_type), *start, n)).fetchall()
+
+    def list_dead(self, job_type: str | None, after: str, limit: int) -> tuple[list[Job], str]:
+        """Dead-lettered jobs by ``(completed_at, id)``; see ``Backend.list_dead``.
+
+        One index range scan (``jobs_dead``, or ``jobs_dead_type`` for one
+        type) of ``limit + 1`` rows: the extra row tells whether a next page exists.
+        """
+        start = parse_dead_page_token(after)
+        _check_limit(limit)
+        jobs = [
+            row_to_job(row) for row in self._dead_rows(job_type, start, limit + 1, ids_only=False)
+        ]
+        if len(jobs) > limit:
+            return jobs[:limit], dead_page_token(jobs[limit - 1])
+        return jobs, ""
+
+    def dead_ids(self, job_type: str | None, limit: int) -> list[str]:
+        """Ids of the first ``limit`` dead jobs; see ``Backend.dead_ids`` (index-only)."""
+        _check_limit(limit)
+        rows = self._dead_rows(job_type, (-math.inf, ""), limit, ids_only=True)
+        return [job_id for (job_id,) in rows]
+
+    def load_queued(self, after: str, limit: int) -> tuple[list[Job], str]:
+        """Queued and scheduled jobs by id; see ``Backend.load_queued`` (``jobs_queued``)."""
+        start = parse_id_token(after)
+        _check_limit(limit)
+        with self._connection("load queued") as (conn, _guard):
+            rows = conn.execute(self._q_queued, (start, limit + 1)).fetchall()
+        jobs = [row_to_job(row) for row in rows]
+        if len(jobs) > limit:
+            return jobs[:limit], jobs[limit - 1].id
+        return jobs, ""
+
+    def load_running(self, job_ids: Sequence[str]) -> list[Job]:
+        """The current records of ``job_ids``: one ``= ANY`` query (``jobs_pkey``).
+
+        See ``Backend.load_running``; records come in the order of ``job_ids``.
+        """
+        # No stored id has a NUL (ids are ours), and PostgreSQL would refuse one.
+        wanted = [i for i in dict.fromkeys(job_ids) if _plain_text(i)]
+        if not wanted:
+            if self._pool is None:
+                raise StorageUnavailable("the PostgreSQL store is not open")
+            return []
+        with self._connection("load running") as (conn, _guard):
+            rows = conn.execute(self._q_load_running, (wanted,)).fetchall()
+        found = {job.id: job for job in map(row_to_job, rows)}
+        return [found[i] for i in wanted if i in found]
+
+    def stale_running(self, before: float, limit: int) -> list[Job]:
+        """Running jobs whose lease ran out before ``before``; see ``Backend.stale_running``.
+
+        Rows claimed through the record store's queue tier (``claim_token``
+        set) are left out: :class:`~stackduck_trio._pgtier.PostgresTier`'s
+        reaper owns them. One scan of ``jobs_running`` in ``started_at``
+        order, stopping after ``limit`` matches.
+        """
+        _check_limit(limit)
+        with self._connection("stale running read") as (conn, _guard):
+            rows = conn.execute(self._q_stale, (before, limit)).fetchall()
+        return [row_to_job(row) for row in rows]

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import math
 import pathlib
 import queue
 import sqlite3
@@ -81,6 +82,11 @@ _COLUMNS: Final = (
 )
 #: Statuses the queue tier must hold after a restart.
 ACTIVE_STATUSES: Final = (Status.SCHEDULED, Status.QUEUED, Status.RUNNING, Status.FAILED)
+#: Statuses of the jobs re-pushed into a queue tier that restarted empty (:meth:`Backend.load_queued`).
+WAITING_STATUSES: Final = (Status.QUEUED, Status.SCHEDULED)
+#: Most ids in one SQLite ``IN (...)`` (the default host-parameter limit was 999).
+_SQLITE_CHUNK: Final = 500
+_BAD_TOKEN: Final = "not a page token from this server"
 
 
 class StorageUnavailable(Exception):
@@ -97,6 +103,85 @@ def row_to_job(row: Sequence[object]) -> Job:
     fields = dict(zip(_COLUMNS, row, strict=True))
     fields["status"] = Status(fields["status"])
     return Job(**fields)  # type: ignore[arg-type]
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+
+
+def _plain_text(text: str) -> bool:
+    """Whether every store can compare ``text``: no NUL, valid UTF-8 (no lone surrogate)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def died_at(job: Job) -> float:
+    """When a dead-lettered job died: its ``completed_at``, or ``0.0`` if it has none.
+
+    The core sets ``completed_at`` to the moment of death (``_fail``,
+    ``_lose_lease``) and nothing changes it while the job stays dead. A failed
+    row without one (written by hand, or by an old version) counts as dead
+    since ``0.0``, the Unix epoch: it is listed first, and it still gets a
+    page token. The stores order by the same expression,
+    ``coalesce(completed_at, 0)``, which their indexes hold.
+    """
+    return 0.0 if job.completed_at is None else float(job.completed_at)
+
+
+def dead_page_token(job: Job) -> str:
+    """The page token that resumes the dead-letter order right after ``job``.
+
+    The token is ``<died_at>/<id>`` (see :func:`died_at`: ``completed_at``,
+    ``0.0`` when it is NULL). ``float.hex`` spells the time exactly (a decimal
+    rendering could round it and skip or repeat a row at a page boundary);
+    the id breaks ties.
+    """
+    return f"{died_at(job).hex()}/{job.id}"
+
+
+def parse_dead_page_token(token: str) -> tuple[float, str]:
+    """The ``(died_at, id)`` a dead-letter page starts after (see :func:`died_at`).
+
+    ``""`` is the start: ``(-inf, "")``, before every row (ids are never
+    empty, and a NULL ``completed_at`` counts as ``0.0``). Only the exact
+    spelling :func:`dead_page_token` produces is accepted.
+
+    Raises:
+        ValueError: ``token`` was not made by :func:`dead_page_token`.
+    """
+    if token == "":
+        return -math.inf, ""
+    head, sep, job_id = token.partition("/")
+    try:
+        dead_since = float.fromhex(head)
+    except (ValueError, OverflowError):
+        raise ValueError(_BAD_TOKEN) from None
+    if (
+        not sep
+        or not job_id
+        or not math.isfinite(dead_since)
+        or dead_since.hex() != head  # canonical only: " 0x1p+0", "0x1.0p0" are not ours
+        or not _plain_text(job_id)
+    ):
+        raise ValueError(_BAD_TOKEN)
+    return dead_since, job_id
+
+
+def parse_id_token(token: str) -> str:
+    """The id a :meth:`Backend.load_queued` page starts after (``""``: the start).
+
+    Raises:
+        ValueError: ``token`` cannot be an id (a NUL, a lone surrogate).
+    """
+    if not _plain_text(token):
+        raise ValueError(_BAD_TOKEN)
+    return token
 
 
 @attrs.frozen
@@ -130,6 +215,88 @@ class Backend(Protocol):
         """The paused job types, sorted."""
         ...
 
+    def list_dead(self, job_type: str | None, after: str, limit: int) -> tuple[list[Job], str]:
+        """One page of dead-lettered jobs (status ``failed``), in the order they died.
+
+        The order is ``(completed_at, id)``, both ascending: the core sets the
+        ``completed_at`` of a failed row to the moment it died, and nothing
+        changes it while the job stays dead. A failed row whose
+        ``completed_at`` is NULL (written by hand, or by an old version) counts
+        as dead since ``0.0`` and comes first (:func:`died_at`). Not
+        ``updated_at``: it is not the time of death in general, and PostgreSQL
+        could not update a row in place (HOT) on a lease-extension heartbeat
+        if an index held it. Pages are keyset-paginated, so
+        every instance sharing the store sees the same list, a job requeued
+        between two pages simply does not appear on the later ones, and a job
+        dead-lettered meanwhile appears at the end.
+
+        Args:
+            job_type: only jobs of this type, or every type when ``None``.
+            after: ``""`` for the first page, else the token a previous call
+                returned (opaque to callers; see :func:`dead_page_token`).
+            limit: most jobs on the page (>= 1).
+
+        Returns:
+            The page and the token of the next page: ``""`` when no dead job
+            follows this page (at the time of the call).
+
+        Raises:
+            ValueError: ``after`` is not a page token from this server, or
+                ``limit < 1``.
+        """
+        ...
+
+    def dead_ids(self, job_type: str | None, limit: int) -> list[str]:
+        """Ids of the first ``limit`` (>= 1) dead jobs, in :meth:`list_dead` order.
+
+        For bulk requeue and purge (of one ``job_type``, or of every type when
+        ``None``).
+        """
+        ...
+
+    def load_queued(self, after: str, limit: int) -> tuple[list[Job], str]:
+        """One page of the jobs a queue tier must hold: status queued or scheduled.
+
+        Keyset-paginated by id (in code-point order); used to re-push a queue
+        tier that restarted empty. ``after`` is ``""`` for the first page, else
+        the token a previous call returned (the page's last id). Returns the
+        page and the next token, ``""`` when no such job follows this page.
+
+        Raises:
+            ValueError: ``after`` cannot be an id, or ``limit < 1``.
+        """
+        ...
+
+    def load_running(self, job_ids: Sequence[str]) -> list[Job]:
+        """The current records of ``job_ids``, whatever their status.
+
+        The batched :meth:`get`, for a reaper that must see the truth of jobs
+        claimed by a dead instance. Records come in the order of ``job_ids``
+        (each once); ids with no record are left out.
+        """
+        ...
+
+    def stale_running(self, before: float, limit: int) -> list[Job]:
+        """Running jobs whose lease ran out on record before ``before``.
+
+        For the sweeper, which requeues deliveries nobody manages any more:
+        rows with status ``running`` whose ``lease_expires_at`` is earlier
+        than ``before`` (strictly) or NULL, oldest ``started_at`` first (a
+        NULL ``started_at`` first of all), then by id (code point order); at
+        most ``limit`` (>= 1). On PostgreSQL, rows claimed through the record
+        store's own queue tier (``claim_token`` set) are left out: that
+        tier's reaper owns them.
+
+        Called every few seconds: each store scans an index of the running
+        rows in ``started_at`` order and filters on ``lease_expires_at``
+        (never indexed, so a heartbeat that extends a lease stays a cheap
+        in-place update).
+
+        Raises:
+            ValueError: ``limit < 1``.
+        """
+        ...
+
 
 class SqliteBackend:
     """SQLite in WAL mode, one connection used by one thread at a time.
@@ -138,11 +305,13 @@ class SqliteBackend:
     crash too; ``NORMAL`` survives process crashes (``kill -9``) only, for
     speed. The schema is versioned with ``PRAGMA user_version``: version 1
     is the jobs table, version 2 adds ``paused_types``, version 3 the
-    ``idempotency_key`` column; an older file is migrated when it is opened.
+    ``idempotency_key`` column, version 4 the indexes of the dead-letter list
+    and of :meth:`load_queued`, version 5 the index of :meth:`stale_running`;
+    an older file is migrated when it is opened.
     """
 
     kind = "sqlite"
-    SCHEMA_VERSION: Final = 3
+    SCHEMA_VERSION: Final = 5
 
     def __init__(self, path: pathlib.Path | str, *, synchronous: str = "FULL") -> None:
         self.path = str(path)
@@ -259,6 +428,37 @@ class SqliteBackend:
                 COMMIT;
                 """
             )
+        if version < 4:
+            # list_dead/dead_ids, all types and one type (partial: only dead rows),
+            # by the time of death: the expression is _DEAD_AT, spelled the same
+            # in the queries (SQLite matches index expressions as written);
+            # load_queued, in id order without reading finished rows.
+            db.executescript(
+                """
+                BEGIN;
+                CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (coalesce(completed_at, 0.0), id)
+                    WHERE status = 'failed';
+                CREATE INDEX IF NOT EXISTS jobs_dead_type
+                    ON jobs (job_type, coalesce(completed_at, 0.0), id)
+                    WHERE status = 'failed';
+                CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (id)
+                    WHERE status IN ('queued', 'scheduled');
+                PRAGMA user_version = 4;
+                COMMIT;
+                """
+            )
+        if version < 5:
+            # stale_running: the running rows in started_at order (the sweeper
+            # filters on lease_expires_at, which no index holds).
+            db.executescript(
+                """
+                BEGIN;
+                CREATE INDEX IF NOT EXISTS jobs_running ON jobs (started_at, id)
+                    WHERE status = 'running';
+                PRAGMA user_version = 5;
+                COMMIT;
+                """
+            )
 
     def _lock_directory(self, directory: pathlib.Path) -> None:
         # Two servers on one data directory would both restore and deliver the
@@ -360,6 +560,90 @@ class SqliteBackend:
             str(t) for (t,) in self._read("SELECT job_type FROM paused_types ORDER BY job_type")
         ]
 
+    # The time of death (died_at): the expression the indexes of schema version
+    # 4 hold, spelled exactly as there. SQLite does not turn a row value over an
+    # indexed expression into a range search, so (dead_at, id) > (?, ?) is
+    # spelled as a range on dead_at (a search of the index) refined on the id:
+    # parameters (at, at, id). The start token is (-inf, "").
+    _DEAD_AT: Final = "coalesce(completed_at, 0.0)"
+    _DEAD_ALL: Final = (
+        f"FROM jobs WHERE status = 'failed' AND {_DEAD_AT} >= ? AND ({_DEAD_AT} > ? OR id > ?) "
+        f"ORDER BY {_DEAD_AT}, id LIMIT ?"
+    )
+    _DEAD_TYPE: Final = (
+        f"FROM jobs WHERE status = 'failed' AND job_type = ? AND {_DEAD_AT} >= ? "
+        f"AND ({_DEAD_AT} > ? OR id > ?) ORDER BY {_DEAD_AT}, id LIMIT ?"
+    )
+    # The index of schema version 5, in its order (NULL started_at first, as
+    # SQLite sorts NULLs first).
+    _STALE: Final = (
+        "FROM jobs WHERE status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?) "
+        "ORDER BY started_at, id LIMIT ?"
+    )
+    _QUEUED: Final = (
+        "FROM jobs WHERE status IN ('queued', 'scheduled') AND id > ? ORDER BY id LIMIT ?"
+    )
+
+    def _dead(
+        self, what: str, job_type: str | None, start: tuple[float, str], n: int
+    ) -> list[tuple[object, ...]]:
+        at, job_id = start
+        if job_type is None:
+            return self._read(f"SELECT {what} {self._DEAD_ALL}", (at, at, job_id, n))
+        return self._read(f"SELECT {what} {self._DEAD_TYPE}", (job_type, at, at, job_id, n))
+
+    def list_dead(self, job_type: str | None, after: str, limit: int) -> tuple[list[Job], str]:
+        """Dead-lettered jobs by ``(completed_at, id)``; see :meth:`Backend.list_dead`."""
+        start = parse_dead_page_token(after)
+        _check_limit(limit)
+        jobs = [row_to_job(r) for r in self._dead(", ".join(_COLUMNS), job_type, start, limit + 1)]
+        if len(jobs) > limit:
+            return jobs[:limit], dead_page_token(jobs[limit - 1])
+        return jobs, ""
+
+    def dead_ids(self, job_type: str | None, limit: int) -> list[str]:
+        """Ids of the first ``limit`` dead jobs; see :meth:`Backend.dead_ids`."""
+        _check_limit(limit)
+        return [str(i) for (i,) in self._dead("id", job_type, (-math.inf, ""), limit)]
+
+    def load_queued(self, after: str, limit: int) -> tuple[list[Job], str]:
+        """Queued and scheduled jobs by id; see :meth:`Backend.load_queued`."""
+        start = parse_id_token(after)
+        _check_limit(limit)
+        rows = self._read(f"SELECT {', '.join(_COLUMNS)} {self._QUEUED}", (start, limit + 1))
+        jobs = [row_to_job(row) for row in rows]
+        if len(jobs) > limit:
+            return jobs[:limit], jobs[limit - 1].id
+        return jobs, ""
+
+    def load_running(self, job_ids: Sequence[str]) -> list[Job]:
+        """The current records of ``job_ids``; see :meth:`Backend.load_running`."""
+        # An id no store can hold (NUL, lone surrogate) has no record: skip it.
+        wanted = [i for i in dict.fromkeys(job_ids) if _plain_text(i)]
+        if not wanted:
+            _ = self.db  # no query, but a closed store fails like every other read
+            return []
+        found: dict[str, Job] = {}
+        for i in range(0, len(wanted), _SQLITE_CHUNK):
+            chunk = wanted[i : i + _SQLITE_CHUNK]
+            rows = self._read(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
+            for row in rows:
+                job = row_to_job(row)
+                found[job.id] = job
+        return [found[i] for i in wanted if i in found]
+
+    def stale_running(self, before: float, limit: int) -> list[Job]:
+        """Running jobs whose lease ran out before ``before``; see :meth:`Backend.stale_running`.
+
+        A scan of ``jobs_running`` (schema version 5) in ``started_at`` order.
+        """
+        _check_limit(limit)
+        rows = self._read(f"SELECT {', '.join(_COLUMNS)} {self._STALE}", (before, limit))
+        return [row_to_job(row) for row in rows]
+
 
 class MemoryBackend:
     """A record store that keeps rows in a dict: nothing survives the process."""
@@ -416,6 +700,62 @@ class MemoryBackend:
 
     def load_paused(self) -> list[str]:
         return sorted(self.paused)
+
+    def _dead_rows(self, job_type: str | None, start: tuple[float, str]) -> list[Job]:
+        return sorted(
+            (
+                j
+                for j in self.rows.values()
+                if j.status is Status.FAILED
+                and (job_type is None or j.job_type == job_type)
+                and (died_at(j), j.id) > start
+            ),
+            key=lambda j: (died_at(j), j.id),
+        )
+
+    def list_dead(self, job_type: str | None, after: str, limit: int) -> tuple[list[Job], str]:
+        """Dead-lettered jobs by ``(completed_at, id)``; see :meth:`Backend.list_dead`."""
+        start = parse_dead_page_token(after)
+        _check_limit(limit)
+        jobs = self._dead_rows(job_type, start)
+        if len(jobs) > limit:
+            return jobs[:limit], dead_page_token(jobs[limit - 1])
+        return jobs, ""
+
+    def dead_ids(self, job_type: str | None, limit: int) -> list[str]:
+        """Ids of the first ``limit`` dead jobs; see :meth:`Backend.dead_ids`."""
+        _check_limit(limit)
+        return [j.id for j in self._dead_rows(job_type, (-math.inf, ""))[:limit]]
+
+    def load_queued(self, after: str, limit: int) -> tuple[list[Job], str]:
+        """Queued and scheduled jobs by id; see :meth:`Backend.load_queued`."""
+        start = parse_id_token(after)
+        _check_limit(limit)
+        jobs = sorted(
+            (j for j in self.rows.values() if j.status in WAITING_STATUSES and j.id > start),
+            key=lambda j: j.id,
+        )
+        if len(jobs) > limit:
+            return jobs[:limit], jobs[limit - 1].id
+        return jobs, ""
+
+    def load_running(self, job_ids: Sequence[str]) -> list[Job]:
+        """The current records of ``job_ids``; see :meth:`Backend.load_running`."""
+        return [self.rows[i] for i in dict.fromkeys(job_ids) if i in self.rows and _plain_text(i)]
+
+    def stale_running(self, before: float, limit: int) -> list[Job]:
+        """Running jobs whose lease ran out before ``before``; see :meth:`Backend.stale_running`."""
+        _check_limit(limit)
+        stale = (
+            j
+            for j in self.rows.values()
+            if j.status is Status.RUNNING
+            and (j.lease_expires_at is None or j.lease_expires_at < before)
+        )
+        # NULL started_at first, as in the SQL stores' indexes.
+        return sorted(stale, key=lambda j: (j.started_at is not None, j.started_at or 0.0, j.id))[
+            :limit
+        ]
 
 
 class StoreThread:

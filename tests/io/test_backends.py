@@ -15,6 +15,7 @@ PostgreSQL cases FAIL, never skip: CI must not pass without them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import sqlite3
@@ -23,17 +24,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import psycopg
 import pytest
 import trio
+from psycopg import sql
 
 from stackduck_core import Job, Status
 from stackduck_core._failover import BackendHealth, BackendRole
 from stackduck_trio._clock import WallClock
 from stackduck_trio._config import ConfigError
+from stackduck_trio._pgtier import PostgresTier
 from stackduck_trio._postgres import SCHEMA_VERSION, PostgresBackend
+from stackduck_trio._postgres import _row as pg_row
 from stackduck_trio._store import (
     Backend,
     Batch,
@@ -41,6 +46,7 @@ from stackduck_trio._store import (
     MemoryBackend,
     SqliteBackend,
     StorageUnavailable,
+    dead_page_token,
     job_to_row,
 )
 
@@ -340,6 +346,13 @@ def test_errors_become_storage_unavailable(backend: Backend) -> None:
         lambda: backend.set_paused("t", True),
         lambda: backend.set_paused("t", False),
         backend.load_paused,
+        lambda: backend.list_dead(None, "", 10),
+        lambda: backend.list_dead("t", "", 10),
+        lambda: backend.dead_ids(None, 10),
+        lambda: backend.load_queued("", 10),
+        lambda: backend.load_running(["job-1"]),
+        lambda: backend.load_running([]),
+        lambda: backend.stale_running(NOW, 10),
     ):
         with pytest.raises(StorageUnavailable, match="not open"):
             call()
@@ -390,6 +403,370 @@ async def test_group_committer_batches_concurrent_writes(backend: Backend) -> No
     assert got == {"queued": n}
 
 
+# -- the dead-letter list, the waiting rows and the reaper's batched read ---------------------
+
+BAD_TOKEN = "not a page token from this server"
+
+
+def dead_job(job_id: str, died_at: float, job_type: str = "t", **fields: object) -> Job:
+    """A dead-lettered record as the core writes it: completed_at is the moment it died.
+
+    updated_at runs the other way (the later the death, the earlier updated_at), so a
+    store that ordered dead jobs by updated_at instead of completed_at fails the tests.
+    """
+    base: dict[str, object] = {
+        "id": job_id,
+        "job_type": job_type,
+        "status": Status.FAILED,
+        "updated_at": 2 * NOW - died_at,
+        "completed_at": died_at,
+        "error_message": f"{job_id} failed",
+        "version": 3,
+    }
+    base.update(fields)
+    return make_job(0, **base)
+
+
+def all_dead_pages(
+    backend: Backend, job_type: str | None, limit: int
+) -> tuple[list[list[str]], list[str]]:
+    """Every page of list_dead from the start: the ids of each page and every token returned."""
+    pages: list[list[str]] = []
+    tokens: list[str] = []
+    token = ""
+    for _ in range(100):  # bounded: a token bug must not hang the suite
+        page, token = backend.list_dead(job_type, token, limit)
+        pages.append([j.id for j in page])
+        tokens.append(token)
+        if not token:
+            return pages, tokens
+    raise AssertionError("list_dead never returned the last page")
+
+
+# Two instants one ulp apart, and a time no decimal rendering of 6 digits keeps apart.
+T1 = NOW + 0.1
+T1_NEXT = math.nextafter(T1, math.inf)
+# Ids whose order differs between code points and a natural-language collation (upper case
+# before lower case, "10" before "9", non-ASCII last): stores order ids by code point.
+DEAD = [
+    dead_job("b-late", NOW + 50, "img"),
+    dead_job("job-9", T1),
+    dead_job("job-10", T1),  # same instant as job-9: the id breaks the tie ("job-10" first)
+    dead_job("Z-upper", T1),  # same instant again: "Z" (U+005A) sorts before "j"
+    dead_job("a-first", NOW - 100, "img"),
+    dead_job("\u00e9t\u00e9", T1_NEXT),  # one ulp later than T1
+    dead_job("c-mid", NOW + 10),
+]
+#: DEAD in the order they died.
+DEAD_ORDER = ["a-first", "Z-upper", "job-10", "job-9", "\u00e9t\u00e9", "c-mid", "b-late"]
+
+
+def commit_dead_and_others(backend: Backend) -> None:
+    others = [
+        make_job(1, status=Status.QUEUED, updated_at=NOW + 1),
+        make_job(2, status=Status.SCHEDULED, updated_at=NOW + 2),
+        make_job(3, status=Status.RUNNING, updated_at=NOW + 3),
+        make_job(4, status=Status.COMPLETED, updated_at=NOW + 4, completed_at=NOW + 4),
+        make_job(5, status=Status.CANCELLED, updated_at=NOW + 5, completed_at=NOW + 5),
+    ]
+    backend.commit(Batch([*DEAD, *others], ()))
+
+
+def test_list_dead_is_in_order_of_death_then_id(backend: Backend) -> None:
+    assert backend.list_dead(None, "", 10) == ([], "")
+    assert backend.dead_ids(None, 10) == []
+    commit_dead_and_others(backend)
+    page, token = backend.list_dead(None, "", 100)
+    assert [j.id for j in page] == DEAD_ORDER and token == ""
+    by_id = {j.id: j for j in DEAD}
+    assert page == [by_id[i] for i in DEAD_ORDER]  # whole records, every field intact
+    # exactly as many rows as the limit: still the last page
+    assert backend.list_dead(None, "", len(DEAD)) == (page, "")
+
+
+def test_list_dead_of_one_type(backend: Backend) -> None:
+    commit_dead_and_others(backend)
+    page, token = backend.list_dead("img", "", 10)
+    assert [j.id for j in page] == ["a-first", "b-late"] and token == ""
+    page, token = backend.list_dead("t", "", 10)
+    assert [j.id for j in page] == [i for i in DEAD_ORDER if i not in ("a-first", "b-late")]
+    assert token == ""
+    assert backend.list_dead("no-such-type", "", 10) == ([], "")
+    assert backend.list_dead("IMG", "", 10) == ([], "")  # types are case-sensitive
+    # paginated by type: the token of a typed page resumes the typed list
+    first, token = backend.list_dead("t", "", 2)
+    assert [j.id for j in first] == ["Z-upper", "job-10"]
+    assert token == dead_page_token(first[-1])
+    rest, end = backend.list_dead("t", token, 10)
+    assert [j.id for j in rest] == ["job-9", "\u00e9t\u00e9", "c-mid"] and end == ""
+
+
+def test_list_dead_pages_with_exact_tokens(backend: Backend) -> None:
+    commit_dead_and_others(backend)
+    for limit in range(1, len(DEAD) + 2):
+        pages, tokens = all_dead_pages(backend, None, limit)
+        assert [i for page in pages for i in page] == DEAD_ORDER, limit  # each once, in order
+        assert all(len(page) == limit for page in pages[:-1]), limit
+        assert 1 <= len(pages[-1]) <= limit, limit  # no empty trailing page
+        assert tokens[-1] == ""
+    # limit 2: page boundaries fall between Z-upper|job-10 (same completed_at) and
+    # job-9|ete (one ulp apart): the tokens spell both exactly
+    pages, tokens = all_dead_pages(backend, None, 2)
+    assert pages == [
+        ["a-first", "Z-upper"],
+        ["job-10", "job-9"],
+        ["\u00e9t\u00e9", "c-mid"],
+        ["b-late"],
+    ]
+    assert tokens == [
+        f"{T1.hex()}/Z-upper",
+        f"{T1.hex()}/job-9",
+        f"{float(NOW + 10).hex()}/c-mid",
+        "",
+    ]
+    assert T1.hex() != T1_NEXT.hex() and repr(T1)[:12] == repr(T1_NEXT)[:12]
+    # a token made elsewhere from the same (completed_at, id) resumes at the same row
+    page, _ = backend.list_dead(None, f"{T1.hex()}/job-10", 1)
+    assert [j.id for j in page] == ["job-9"]
+    # a token of a row that no longer exists still resumes right after its position
+    page, _ = backend.list_dead(None, f"{T1.hex()}/k", 10)
+    assert [j.id for j in page] == ["\u00e9t\u00e9", "c-mid", "b-late"]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        "/",
+        "0x1.ad27480066666p+30",  # no id
+        "0x1.ad27480066666p+30/",  # empty id
+        "/job-1",  # no time
+        "1800000000.1/job-1",  # decimal, not float.hex
+        "1.8e9/job-1",
+        "0x1.ad27480066666P+30/job-1",  # not the canonical spelling
+        "0x1.ad274800666660p+30/job-1",
+        " 0x1.ad27480066666p+30/job-1",
+        "inf/job-1",
+        "nan/job-1",
+        "0x1p+99999/job-1",  # overflows
+        "0x1.ad27480066666p+30/job\x00-1",
+        "0x1.ad27480066666p+30/job\ud800",
+    ],
+)
+def test_list_dead_refuses_a_malformed_token(backend: Backend, token: str) -> None:
+    commit_dead_and_others(backend)
+    with pytest.raises(ValueError, match=BAD_TOKEN):
+        backend.list_dead(None, token, 10)
+    with pytest.raises(ValueError, match=BAD_TOKEN):
+        backend.list_dead("t", token, 10)
+
+
+def test_pagination_refuses_a_limit_below_one(backend: Backend) -> None:
+    for call in (
+        lambda: backend.list_dead(None, "", 0),
+        lambda: backend.list_dead("t", "", -1),
+        lambda: backend.dead_ids(None, 0),
+        lambda: backend.load_queued("", 0),
+    ):
+        with pytest.raises(ValueError, match="limit"):
+            call()
+
+
+def test_list_dead_sees_requeues_and_new_deaths_between_pages(backend: Backend) -> None:
+    commit_dead_and_others(backend)
+    first, token = backend.list_dead(None, "", 3)
+    assert [j.id for j in first] == DEAD_ORDER[:3]
+    # between the pages: job-9 (on the next page) and Z-upper (on this one) are requeued,
+    # c-mid is purged, a job dies now, and a requeued job dies again
+    by_id = {j.id: j for j in DEAD}
+    requeued = [
+        attrs.evolve(
+            by_id[i], status=Status.QUEUED, completed_at=None, updated_at=NOW + 60, version=4
+        )
+        for i in ("job-9", "Z-upper")
+    ]
+    fresh = dead_job("d-new", NOW + 70)
+    backend.commit(Batch([*requeued, fresh], ["c-mid"]))
+    second, token = backend.list_dead(None, token, 3)
+    assert [j.id for j in second] == ["\u00e9t\u00e9", "b-late", "d-new"] and token == ""
+    again = attrs.evolve(
+        requeued[0], status=Status.FAILED, completed_at=NOW + 80, updated_at=NOW + 80, version=6
+    )
+    backend.commit(Batch([again], ()))
+    page, token = backend.list_dead(None, "", 100)
+    assert [j.id for j in page] == [
+        "a-first",
+        "job-10",
+        "\u00e9t\u00e9",
+        "b-late",
+        "d-new",
+        "job-9",  # died again: now at the end, as the record it is now
+    ]
+    assert page[-1] == again and token == ""
+    assert backend.dead_ids(None, 100) == [j.id for j in page]
+
+
+def test_dead_ids_order_type_and_limit(backend: Backend) -> None:
+    commit_dead_and_others(backend)
+    assert backend.dead_ids(None, 100) == DEAD_ORDER
+    for limit in range(1, len(DEAD) + 1):
+        assert backend.dead_ids(None, limit) == DEAD_ORDER[:limit]
+    assert backend.dead_ids("img", 100) == ["a-first", "b-late"]
+    assert backend.dead_ids("img", 1) == ["a-first"]
+    assert backend.dead_ids("t", 3) == ["Z-upper", "job-10", "job-9"]
+    assert backend.dead_ids("no-such-type", 10) == []
+
+
+def test_load_queued_pages_cover_every_waiting_row_once(backend: Backend) -> None:
+    assert backend.load_queued("", 10) == ([], "")
+    statuses = list(Status)
+    jobs = [
+        make_job(n, status=statuses[n % len(statuses)], job_type=f"t{n % 3}") for n in range(60)
+    ]
+    jobs += [make_job(0, id=i, status=Status.QUEUED) for i in ("Z", "a", "\u00e9", "job-")]
+    backend.commit(Batch(jobs, ()))
+    waiting = {j.id: j for j in jobs if j.status in (Status.QUEUED, Status.SCHEDULED)}
+    assert len(waiting) == 24
+    expected = sorted(waiting)  # by code point
+    for limit in (1, 5, 7, 24, 25, 1000):
+        seen: list[Job] = []
+        token = ""
+        for _ in range(100):
+            page, next_token = backend.load_queued(token, limit)
+            assert 1 <= len(page) <= limit
+            seen += page
+            if not next_token:
+                break
+            assert len(page) == limit and next_token == page[-1].id  # token = last id
+            token = next_token
+        assert [j.id for j in seen] == expected, limit
+        assert seen == [waiting[i] for i in expected]
+    # a token is an id: resuming after an id that is not (or no longer) stored works
+    page, token = backend.load_queued("job-50", 100)
+    assert [j.id for j in page] == [i for i in expected if i > "job-50"] and token == ""
+    with pytest.raises(ValueError, match=BAD_TOKEN):
+        backend.load_queued("job-\x00", 10)
+
+
+def test_load_running_returns_the_current_records(backend: Backend) -> None:
+    jobs = [make_job(n, status=Status.RUNNING, attempt=1, version=2) for n in range(5)]
+    backend.commit(Batch(jobs, ()))
+    # since claimed: one completed, one lost its lease and went back to the queue, one purged
+    done = attrs.evolve(jobs[1], status=Status.COMPLETED, version=3, completed_at=NOW + 1)
+    back = attrs.evolve(jobs[3], status=Status.QUEUED, lost_leases=1, version=3)
+    backend.commit(Batch([done, back], ["job-4"]))
+    asked = ["job-3", "missing", "job-1", "job-4", "job-0", "job-3", "job-\x00", ""]
+    assert backend.load_running(asked) == [back, done, jobs[0]]  # asked order, each once
+    assert backend.load_running([]) == []
+    assert backend.load_running(["missing"]) == []
+    # more ids than one statement takes in SQLite (chunks of 500), half of them missing
+    many = [make_job(n, status=Status.RUNNING) for n in range(100, 1300)]
+    backend.commit(Batch(many, ()))
+    asked = [f"job-{n}" for n in range(2400, 99, -1)]
+    assert backend.load_running(asked) == many[::-1]
+
+
+# Failed rows without a completed_at (written by hand, or by an old version): they count as
+# dead since 0.0 (the Unix epoch), so they come first, in id order together with a job that
+# died at exactly 0.0.
+UNDATED = [
+    dead_job("z-undated", 0.0, "img", completed_at=None),
+    dead_job("n-undated", 0.0, completed_at=None),
+    dead_job("m-epoch", 0.0),  # died at 0.0 exactly: the place of no completed_at at all
+]
+UNDATED_ORDER = ["m-epoch", "n-undated", "z-undated"]
+
+
+def test_list_dead_lists_rows_without_completed_at_first(backend: Backend) -> None:
+    commit_dead_and_others(backend)
+    backend.commit(Batch(UNDATED, ()))
+    everything = UNDATED_ORDER + DEAD_ORDER
+    page, token = backend.list_dead(None, "", 100)
+    assert [j.id for j in page] == everything and token == ""
+    by_id = {j.id: j for j in UNDATED}
+    assert page[:3] == [by_id[i] for i in UNDATED_ORDER]  # completed_at still NULL (None)
+    assert backend.dead_ids(None, 100) == everything
+    assert backend.dead_ids(None, 2) == UNDATED_ORDER[:2]
+    for limit in range(1, len(everything) + 1):
+        pages, _ = all_dead_pages(backend, None, limit)
+        assert [i for p in pages for i in p] == everything, limit  # each once, in order
+    # an undated row's token spells 0.0: pages cross from the undated to the dated rows
+    assert dead_page_token(by_id["n-undated"]) == "0x0.0p+0/n-undated"
+    pages, tokens = all_dead_pages(backend, None, 2)
+    assert pages[:2] == [["m-epoch", "n-undated"], ["z-undated", "a-first"]]
+    assert tokens[:2] == ["0x0.0p+0/n-undated", f"{float(NOW - 100).hex()}/a-first"]
+    page, _ = backend.list_dead(None, "0x0.0p+0/m-epoch", 1)
+    assert [j.id for j in page] == ["n-undated"]
+    # one type: its undated row comes before its dated ones
+    pages, tokens = all_dead_pages(backend, "img", 1)
+    assert pages == [["z-undated"], ["a-first"], ["b-late"]]
+    assert tokens[0] == "0x0.0p+0/z-undated"
+    assert backend.dead_ids("img", 1) == ["z-undated"]
+    assert backend.dead_ids("t", 2) == ["m-epoch", "n-undated"]
+
+
+def running_job(job_id: str, started_at: float | None, lease_expires_at: float | None) -> Job:
+    """A delivery on record: claimed at started_at, its lease (as last extended) ends then."""
+    return make_job(
+        0,
+        id=job_id,
+        status=Status.RUNNING,
+        attempt=1,
+        started_at=started_at,
+        lease_id=f"lease-{job_id}",
+        lease_expires_at=lease_expires_at,
+        worker_id="worker-1",
+        version=2,
+    )
+
+
+def test_stale_running_oldest_first_of_the_expired_leases(backend: Backend) -> None:
+    before = NOW
+    assert backend.stale_running(before, 10) == []
+    running = [
+        running_job("live-oldest", NOW - 500, NOW + 30),  # runs long but heartbeats: not stale
+        running_job("s-old", NOW - 100, NOW - 40),
+        running_job("s-no-lease", NOW - 50, None),  # no lease on record: stale
+        running_job("s-tie-a", NOW - 80, NOW - 1),
+        running_job("S-tie-B", NOW - 80, NOW - 1),  # same started_at: ids by code point
+        running_job("s-unstarted", None, NOW - 1),  # no started_at (hand-written): first
+        running_job("edge", NOW - 90, before),  # runs out exactly at `before`: not yet
+        running_job("live", NOW - 10, math.nextafter(before, math.inf)),
+    ]
+    # not running: never stale, whatever their lease fields say
+    others = [
+        attrs.evolve(running_job(f"other-{s.value}", NOW - 1000, NOW - 900), status=s)
+        for s in Status
+        if s is not Status.RUNNING
+    ]
+    backend.commit(Batch([*running, *others], ()))
+    by_id = {j.id: j for j in running}
+    expected = ["s-unstarted", "s-old", "S-tie-B", "s-tie-a", "s-no-lease"]
+    assert backend.stale_running(before, 100) == [by_id[i] for i in expected]
+    for limit in range(1, len(expected) + 1):
+        assert [j.id for j in backend.stale_running(before, limit)] == expected[:limit]
+    # a heartbeat extends the lease on record: no longer stale, until it runs out again
+    beat = attrs.evolve(by_id["s-old"], lease_expires_at=NOW + 60, updated_at=NOW, version=3)
+    backend.commit(Batch([beat], ()))
+    assert [j.id for j in backend.stale_running(before, 100)] == [
+        i for i in expected if i != "s-old"
+    ]
+    later = [j.id for j in backend.stale_running(NOW + 61, 100)]
+    assert later == [
+        "s-unstarted",
+        "live-oldest",
+        "s-old",
+        "edge",
+        "S-tie-B",
+        "s-tie-a",
+        "s-no-lease",
+        "live",
+    ]
+    assert backend.stale_running(-math.inf, 10) == [by_id["s-no-lease"]]  # only the lease-less
+    with pytest.raises(ValueError, match="limit"):
+        backend.stale_running(before, 0)
+
+
 # -- SQLite only ------------------------------------------------------------------------------
 
 # Schema version 1, as released (before paused_types): the jobs table and its index.
@@ -431,7 +808,7 @@ def _v1_row(job: Job) -> tuple[object, ...]:
     return job_to_row(job)[:-1]
 
 
-def test_sqlite_version_2_file_is_migrated_to_3_and_keeps_its_jobs(tmp_path: Path) -> None:
+def test_sqlite_version_2_file_is_migrated_to_current_and_keeps_its_jobs(tmp_path: Path) -> None:
     path = tmp_path / "stackduck.db"
     jobs = [make_job(1), make_job(2, status=Status.COMPLETED)]
     db = sqlite3.connect(path, isolation_level=None)
@@ -448,7 +825,9 @@ def test_sqlite_version_2_file_is_migrated_to_3_and_keeps_its_jobs(tmp_path: Pat
     backend = SqliteBackend(path)
     backend.open()
     try:
-        assert backend.db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert backend.db.execute("PRAGMA user_version").fetchone() == (
+            SqliteBackend.SCHEMA_VERSION,
+        )
         assert backend.load_active() == [jobs[0]]
         assert backend.get("job-2") == jobs[1]
         assert backend.load_paused() == ["img"]
@@ -484,7 +863,7 @@ def test_sqlite_version_1_file_is_migrated_on_open_and_keeps_its_jobs(tmp_path: 
         assert backend.db.execute("PRAGMA user_version").fetchone() == (
             SqliteBackend.SCHEMA_VERSION,
         )
-        assert SqliteBackend.SCHEMA_VERSION == 3
+        assert SqliteBackend.SCHEMA_VERSION == 5
         assert backend.load_active() == [jobs[0], jobs[2]]
         assert backend.get("job-2") == jobs[1]
         assert backend.load_paused() == []
@@ -498,6 +877,70 @@ def test_sqlite_version_1_file_is_migrated_on_open_and_keeps_its_jobs(tmp_path: 
         assert again.counts() == {"queued": 2, "completed": 1}
     finally:
         again.close()
+
+
+# What each SQLite schema version added after version 3: undone by rewind_sqlite.
+_SQLITE_UNDO = {
+    5: "DROP INDEX jobs_running;",
+    4: "DROP INDEX jobs_dead; DROP INDEX jobs_dead_type; DROP INDEX jobs_queued;",
+}
+
+
+def rewind_sqlite(backend: SqliteBackend, version: int) -> None:
+    """Leave the (open) file as a server of schema ``version`` (3 or later) left it."""
+    undo = "".join(sql for v, sql in sorted(_SQLITE_UNDO.items(), reverse=True) if v > version)
+    backend.db.executescript(f"BEGIN; {undo} PRAGMA user_version = {version}; COMMIT;")
+
+
+def sqlite_indexes(db: sqlite3.Connection) -> dict[str, str]:
+    return dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'").fetchall())
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_sqlite_file_is_migrated_to_current_and_the_indexes_serve_the_queries(
+    tmp_path: Path, version: int
+) -> None:
+    fresh = SqliteBackend(tmp_path / "fresh" / "stackduck.db")
+    fresh.open()
+    current = sqlite_indexes(fresh.db)
+    fresh.close()
+    path = tmp_path / "stackduck.db"
+    old = SqliteBackend(path)
+    old.open()
+    stale = running_job("r-1", NOW - 10, NOW - 5)
+    old.commit(
+        Batch([*DEAD, *UNDATED, make_job(1), make_job(2, status=Status.SCHEDULED), stale], ())
+    )
+    rewind_sqlite(old, version)
+    assert "jobs_running" not in sqlite_indexes(old.db)
+    old.close()
+    backend = SqliteBackend(path)
+    backend.open()
+    try:
+        assert backend.db.execute("PRAGMA user_version").fetchone() == (5,)
+        assert sqlite_indexes(backend.db) == current  # the same schema as a new file
+        assert backend.dead_ids(None, 100) == UNDATED_ORDER + DEAD_ORDER
+        assert [j.id for j in backend.load_queued("", 10)[0]] == ["job-1", "job-2"]
+        assert backend.stale_running(NOW, 10) == [stale]
+        for sql, params, index in (
+            (f"SELECT * {SqliteBackend._DEAD_ALL}", (-math.inf, -math.inf, "", 11), "jobs_dead "),
+            (f"SELECT id {SqliteBackend._DEAD_ALL}", (T1, T1, "x", 11), "jobs_dead "),
+            (f"SELECT * {SqliteBackend._DEAD_TYPE}", ("t", T1, T1, "x", 11), "jobs_dead_type"),
+            (f"SELECT * {SqliteBackend._QUEUED}", ("", 11), "jobs_queued"),
+        ):
+            plan = str(backend.db.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall())
+            # a range search of the index, no sort
+            assert "SEARCH jobs USING " in plan and index in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+        # the running rows in started_at order: a walk of the partial index, no sort
+        plan = str(
+            backend.db.execute(
+                f"EXPLAIN QUERY PLAN SELECT * {SqliteBackend._STALE}", (NOW, 200)
+            ).fetchall()
+        )
+        assert "USING INDEX jobs_running" in plan and "TEMP B-TREE" not in plan, plan
+    finally:
+        backend.close()
 
 
 # -- PostgreSQL only --------------------------------------------------------------------------
@@ -543,15 +986,70 @@ def test_pg_refuses_a_newer_schema(pg_schema: str) -> None:
         PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema).open()
 
 
+# What each PostgreSQL migration added after version 1, undone by rewind_pg_schema.
+_PG_UNDO: dict[int, tuple[str, ...]] = {
+    5: (
+        "DROP INDEX {s}.jobs_ready, {s}.jobs_due, {s}.jobs_next_due, {s}.jobs_claims, "
+        "{s}.jobs_running",
+        "ALTER TABLE {s}.jobs DROP COLUMN claim_token, DROP COLUMN claim_owner, "
+        "DROP COLUMN claim_until",
+    ),
+    4: ("DROP INDEX {s}.jobs_dead, {s}.jobs_dead_type, {s}.jobs_queued",),
+    3: ("ALTER TABLE {s}.jobs DROP COLUMN idempotency_key",),  # and its index
+    2: ("DROP TABLE {s}.paused_types",),
+}
+#: The indexes of migration 5, as tests expect them.
+_MIGRATION_5_INDEXES = ("jobs_ready", "jobs_due", "jobs_next_due", "jobs_claims", "jobs_running")
+
+
+def rewind_pg_schema(schema: str, version: int) -> None:
+    """Leave ``schema`` as a server of schema ``version`` left it (its rows stay)."""
+    with admin_connection() as admin:
+        for undone in sorted(_PG_UNDO, reverse=True):
+            if undone > version:
+                for statement in _PG_UNDO[undone]:
+                    admin.execute(statement.format(s=f'"{schema}"'))
+        admin.execute(f'DELETE FROM "{schema}".schema_migrations WHERE version > %s', (version,))
+
+
+def pg_shape(schema: str) -> tuple[list[tuple[object, ...]], dict[str, str]]:
+    """The jobs table's columns (in order) and every index definition of ``schema``."""
+    with admin_connection() as admin:
+        columns = admin.execute(
+            "SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            (f'"{schema}".jobs',),
+        ).fetchall()
+        indexes = admin.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s", (schema,)
+        ).fetchall()
+    return columns, {str(name): str(d).replace(schema, "<schema>") for name, d in indexes}
+
+
+def fresh_pg_shape() -> tuple[list[tuple[object, ...]], dict[str, str]]:
+    """The shape of a schema created by this version from nothing."""
+    with private_schema() as fresh:
+        b = PostgresBackend(SHARED_DATABASE_URL, schema=fresh)
+        b.open()
+        b.close()
+        return pg_shape(fresh)
+
+
+def migrated_versions(schema: str) -> list[int]:
+    with admin_connection() as admin:
+        rows = admin.execute(
+            f'SELECT version FROM "{schema}".schema_migrations ORDER BY version'
+        ).fetchall()
+    return [int(str(r[0])) for r in rows]
+
+
 def test_pg_migrates_a_version_1_schema_and_keeps_its_jobs(pg_schema: str) -> None:
     b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
     b.open()
     b.commit(Batch([make_job(1), make_job(2)], ()))
     b.close()
-    with admin_connection() as admin:  # back to what a version-1 server left behind
-        admin.execute(f'DROP TABLE "{pg_schema}".paused_types')
-        admin.execute(f'ALTER TABLE "{pg_schema}".jobs DROP COLUMN idempotency_key')
-        admin.execute(f'DELETE FROM "{pg_schema}".schema_migrations WHERE version >= 2')
+    rewind_pg_schema(pg_schema, 1)  # back to what a version-1 server left behind
+    assert migrated_versions(pg_schema) == [1]
     again = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
     again.open()
     try:
@@ -561,22 +1059,17 @@ def test_pg_migrates_a_version_1_schema_and_keeps_its_jobs(pg_schema: str) -> No
         assert again.load_paused() == ["t"]
     finally:
         again.close()
-    with admin_connection() as admin:
-        rows = admin.execute(
-            f'SELECT version FROM "{pg_schema}".schema_migrations ORDER BY version'
-        ).fetchall()
-    assert [r[0] for r in rows] == [1, 2, 3] == list(range(1, SCHEMA_VERSION + 1))
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5] == list(range(1, SCHEMA_VERSION + 1))
+    assert pg_shape(pg_schema) == fresh_pg_shape()
 
 
-def test_pg_migrates_a_version_2_schema_to_3_and_keeps_its_jobs(pg_schema: str) -> None:
+def test_pg_migrates_a_version_2_schema_to_current_and_keeps_its_jobs(pg_schema: str) -> None:
     b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
     b.open()
     b.commit(Batch([make_job(1), make_job(2, status=Status.COMPLETED)], ()))
     b.set_paused("t", True)
     b.close()
-    with admin_connection() as admin:  # back to what a version-2 server left behind
-        admin.execute(f'ALTER TABLE "{pg_schema}".jobs DROP COLUMN idempotency_key')
-        admin.execute(f'DELETE FROM "{pg_schema}".schema_migrations WHERE version >= 3')
+    rewind_pg_schema(pg_schema, 2)  # back to what a version-2 server left behind
     again = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
     again.open()
     try:
@@ -588,11 +1081,8 @@ def test_pg_migrates_a_version_2_schema_to_3_and_keeps_its_jobs(pg_schema: str) 
         assert again.find_key("k") == keyed
     finally:
         again.close()
-    with admin_connection() as admin:
-        rows = admin.execute(
-            f'SELECT version FROM "{pg_schema}".schema_migrations ORDER BY version'
-        ).fetchall()
-    assert [r[0] for r in rows] == [1, 2, 3]
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5]
+    assert pg_shape(pg_schema) == fresh_pg_shape()
 
 
 def test_pg_indexes_serve_the_queries(pg_schema: str) -> None:
@@ -609,6 +1099,375 @@ def test_pg_indexes_serve_the_queries(pg_schema: str) -> None:
         assert "jobs_pkey" in str(plan), plan
         plan = admin.execute(b"EXPLAIN " + b._q_find_key.as_bytes(admin), ("x",)).fetchall()
         assert "jobs_idempotency_key" in str(plan), plan
+
+
+def test_pg_migrates_a_version_3_schema_to_current_and_keeps_its_jobs(pg_schema: str) -> None:
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    b.commit(Batch([*DEAD, *UNDATED, make_job(1), make_job(2, status=Status.COMPLETED)], ()))
+    b.close()
+    rewind_pg_schema(pg_schema, 3)  # back to what a version-3 server left behind
+    again = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    again.open()
+    try:
+        assert again.dead_ids(None, 100) == UNDATED_ORDER + DEAD_ORDER
+        assert again.load_queued("", 10) == ([make_job(1)], "")
+    finally:
+        again.close()
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5]
+    _, defs = shape = pg_shape(pg_schema)
+    assert shape == fresh_pg_shape()
+    # by the time of death (NULL as 0), dead rows only, ids by code point; never updated_at
+    assert '(COALESCE(completed_at, (0)::double precision), id COLLATE "C")' in defs["jobs_dead"]
+    assert "WHERE (status = 'failed'::text)" in defs["jobs_dead"]
+    assert 'id COLLATE "C"' in defs["jobs_dead_type"]
+    assert all("updated_at" not in d for d in defs.values())
+    assert "jobs_queued" in defs
+
+
+def test_pg_migrates_a_version_4_schema_to_5_and_keeps_its_jobs(pg_schema: str) -> None:
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    stale = running_job("r-1", NOW - 10, NOW - 5)
+    jobs = [*DEAD, make_job(1), make_job(2, status=Status.SCHEDULED), stale]
+    b.commit(Batch(jobs, ()))
+    b.close()
+    rewind_pg_schema(pg_schema, 4)  # back to what a version-4 server left behind
+    columns, defs = pg_shape(pg_schema)
+    assert not {"claim_token", "claim_owner", "claim_until"} & {c[0] for c in columns}
+    assert not set(_MIGRATION_5_INDEXES) & set(defs)
+    again = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    again.open()
+    try:
+        assert {j.id: j for j in again.load_active()} == {
+            j.id: j for j in jobs if j.status is not Status.COMPLETED
+        }
+        assert again.stale_running(NOW, 10) == [stale]
+        assert again.dead_ids(None, 100) == DEAD_ORDER
+    finally:
+        again.close()
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5]
+    columns, defs = shape = pg_shape(pg_schema)
+    assert shape == fresh_pg_shape()
+    assert columns[-3:] == [
+        ("claim_token", "text", False),
+        ("claim_owner", "text", False),
+        ("claim_until", "double precision", False),
+    ]
+    unclaimed = "AND (claim_token IS NULL))"
+    assert defs["jobs_ready"].endswith(
+        "(job_type, priority, seq) WHERE ((status = 'queued'::text) " + unclaimed
+    )
+    assert defs["jobs_due"].endswith(
+        "(job_type, scheduled_at) WHERE ((status = 'scheduled'::text) " + unclaimed
+    )
+    assert defs["jobs_next_due"].endswith(
+        "(scheduled_at) WHERE ((status = 'scheduled'::text) " + unclaimed
+    )
+    assert defs["jobs_claims"].endswith(
+        '(claim_until, id COLLATE "C") WHERE (claim_token IS NOT NULL)'
+    )
+    assert defs["jobs_running"].endswith(
+        "(started_at NULLS FIRST, id COLLATE \"C\") WHERE ((status = 'running'::text) " + unclaimed
+    )
+
+
+def test_pg_heartbeat_updates_are_hot(pg_schema: str) -> None:
+    """A lease extension (lease_expires_at, updated_at, version) is a HOT update.
+
+    PostgreSQL rewrites a row in place, without new index entries, only when no index
+    uses a changed column: in its keys, expressions, INCLUDE list or predicate.
+    """
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    try:
+        job = running_job("r-1", NOW, NOW + 30)
+        b.commit(Batch([job], ()))
+    finally:
+        b.close()
+    _, defs = pg_shape(pg_schema)
+    for name, definition in defs.items():
+        if " ON <schema>.jobs " not in definition:
+            continue
+        for column in ("lease_expires_at", "updated_at", "version"):
+            assert column not in definition.split(" USING ", 1)[1], (name, definition)
+    counters = (
+        "SELECT pg_stat_get_xact_tuples_updated(%(t)s::regclass), "
+        "pg_stat_get_xact_tuples_hot_updated(%(t)s::regclass)"
+    )
+    table = {"t": f'"{pg_schema}".jobs'}
+    with admin_connection() as admin, admin.transaction():
+        # the record store's own upsert, as the committer sends it for one heartbeat
+        beat = attrs.evolve(job, lease_expires_at=NOW + 60, updated_at=NOW + 30, version=3)
+        admin.execute(b._q_upsert, pg_row(beat))
+        assert admin.execute(counters, table).fetchone() == (1, 1)
+        # also while the row is claimed through the record store's queue tier
+        admin.execute(
+            f"UPDATE \"{pg_schema}\".jobs SET claim_token = 't', claim_owner = 'o', "
+            "claim_until = 1 WHERE id = 'r-1'"
+        )
+        beat = attrs.evolve(beat, lease_expires_at=NOW + 90, updated_at=NOW + 60, version=4)
+        admin.execute(b._q_upsert, pg_row(beat))
+        assert admin.execute(counters, table).fetchone() == (3, 2)
+        # the counters can tell: the end of the delivery changes indexed columns
+        done = attrs.evolve(beat, status=Status.COMPLETED, completed_at=NOW + 61, version=5)
+        admin.execute(b._q_upsert, pg_row(done))
+        assert admin.execute(counters, table).fetchone() == (4, 2)
+
+
+@pytest.mark.parametrize(
+    "n",
+    [
+        1,  # a lone upsert: one autocommit statement
+        3,  # a pipelined executemany
+        64,  # copy_threshold: COPY into the staging table, then the merge
+        300,
+    ],
+)
+def test_pg_record_upserts_leave_the_claim_columns_alone(pg_schema: str, n: int) -> None:
+    """The queue tier's claim columns are not record columns: no record write touches them."""
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    assert b.copy_threshold == 64
+    b.open()
+    try:
+        jobs = [make_job(i) for i in range(n)]
+        b.commit(Batch(jobs, ()))
+        with admin_connection() as admin:
+            claimed = admin.execute(
+                f"UPDATE \"{pg_schema}\".jobs SET claim_token = 'token-' || id, "
+                "claim_owner = 'instance-a', claim_until = seq + 0.5 "
+                "WHERE claim_token IS NULL AND claim_owner IS NULL AND claim_until IS NULL"
+            ).rowcount
+        assert claimed == n  # new rows are unclaimed
+        newer = [
+            attrs.evolve(j, status=Status.RUNNING, attempt=1, started_at=NOW, version=2)
+            for j in jobs
+        ]
+        new_row = make_job(10_000)
+        # n rows, or with a new one (still on the same side of the COPY threshold)
+        batch = newer if n in (1, 64) else [*newer, new_row]
+        assert (len(batch) >= b.copy_threshold) == (n >= 64)
+        b._staged.clear()  # forget the staging table: the COPY path notes it again
+        b.commit(Batch(batch, ()))
+        assert bool(b._staged) == (n >= 64)  # this commit took the COPY path (or did not)
+        for job in batch:
+            assert b.get(job.id) == job  # the record columns did change
+        with admin_connection() as admin:
+            rows = admin.execute(
+                f'SELECT id, claim_token, claim_owner, claim_until FROM "{pg_schema}".jobs '
+                "ORDER BY seq"
+            ).fetchall()
+        expected: list[tuple[object, ...]] = [
+            (j.id, f"token-{j.id}", "instance-a", j.seq + 0.5) for j in jobs
+        ]
+        if new_row in batch:
+            expected.append((new_row.id, None, None, None))  # inserted unclaimed (seq 10000)
+        assert rows == expected
+    finally:
+        b.close()
+
+
+def test_pg_stale_running_leaves_out_rows_claimed_through_the_record_store(
+    pg_schema: str,
+) -> None:
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    try:
+        mine = running_job("r-unclaimed", NOW - 20, NOW - 10)
+        tiers = running_job("r-claimed", NOW - 30, NOW - 10)
+        b.commit(Batch([mine, tiers], ()))
+        assert b.stale_running(NOW, 10) == [tiers, mine]
+        with admin_connection() as admin:
+            admin.execute(
+                f"UPDATE \"{pg_schema}\".jobs SET claim_token = 't', claim_owner = 'o', "
+                "claim_until = 1 WHERE id = 'r-claimed'"
+            )
+        assert b.stale_running(NOW, 10) == [mine]  # PostgresTier's reaper owns the other
+    finally:
+        b.close()
+
+
+def explain(
+    admin: psycopg.Connection[tuple[object, ...]], query: sql.Composable, params: Any = None
+) -> str:
+    return "\n".join(
+        str(row[0]) for row in admin.execute("EXPLAIN " + query.as_string(admin), params)
+    )
+
+
+@contextlib.contextmanager
+def ordered_index_plans(admin: psycopg.Connection[tuple[object, ...]]) -> Iterator[None]:
+    """Plans without Seq Scans, bitmap scans or sorts: only an ordered index scan is left.
+
+    On a small table the planner may well prefer a bitmap scan of any index and a sort;
+    with those ruled out, an index whose predicate or order does not fit the query shows
+    as a Sort or Seq Scan node (the settings only add cost, they forbid nothing).
+    """
+    settings = ("enable_seqscan", "enable_bitmapscan", "enable_sort")
+    for name in settings:
+        admin.execute(f"SET {name} = off")
+    try:
+        yield
+    finally:
+        for name in settings:
+            admin.execute(f"RESET {name}")
+
+
+def assert_index_plan(plan: str, *indexes: str, ordered: bool = False) -> None:
+    for index in indexes:
+        assert f"Scan using {index} on jobs" in plan or f"Scan on {index}" in plan, plan
+    assert "Seq Scan" not in plan, plan
+    if ordered:
+        assert "Sort" not in plan and "Bitmap" not in plan, plan
+
+
+def test_pg_dead_letter_and_waiting_reads_use_their_indexes(pg_schema: str) -> None:
+    """EXPLAIN of the backend's own statements on 5000 rows, after ANALYZE.
+
+    With the planner left free: an index, never the whole table. With bitmap scans and
+    sorts ruled out: the named index, read in order (its predicate and order fit).
+    """
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    try:
+        statuses = [Status.COMPLETED] * 14 + [Status.FAILED] * 3 + [Status.QUEUED, Status.RUNNING]
+        jobs = [
+            make_job(
+                n,
+                status=statuses[n % len(statuses)],
+                job_type=f"type{n % 5}",
+                completed_at=None if n % 97 == 0 else NOW + (n * 7919 % 5000) / 10,
+            )
+            for n in range(5000)
+        ]
+        b.commit(Batch(jobs, ()))
+        # a page from the middle, for the keyset condition to be a real range
+        _, token = b.list_dead(None, "", 100)
+        _, type_token = b.list_dead("type3", "", 20)
+        assert token and type_token
+    finally:
+        b.close()
+    page_start = (-math.inf, "")
+    at, _, after = token.partition("/")
+    middle = (float.fromhex(at), after)
+    type_at, _, type_after = type_token.partition("/")
+    type_middle = (float.fromhex(type_at), type_after)
+    with admin_connection() as admin:
+        admin.execute(f'ANALYZE "{pg_schema}".jobs')
+        cases: list[tuple[sql.Composable, tuple[object, ...], str]] = [
+            (b._q_dead, (*page_start, 51), "jobs_dead"),
+            (b._q_dead, (*middle, 51), "jobs_dead"),
+            (b._q_dead_type, ("type3", *page_start, 51), "jobs_dead_type"),
+            (b._q_dead_type, ("type3", *type_middle, 51), "jobs_dead_type"),
+            (b._q_dead_ids, (*page_start, 100), "jobs_dead"),
+            (b._q_dead_ids_type, ("type1", *page_start, 100), "jobs_dead_type"),
+            (b._q_queued, ("", 101), "jobs_queued"),
+            (b._q_queued, ("job-2500", 101), "jobs_queued"),
+        ]
+        for query, params, _index in cases:
+            assert_index_plan(explain(admin, query, params))
+        with ordered_index_plans(admin):
+            for query, params, index in cases:
+                plan = explain(admin, query, params)
+                assert_index_plan(plan, index, ordered=True)
+                assert "Index Cond" in plan, plan  # the keyset start is a range of the index
+            # dead_ids reads the index alone (INCLUDE (completed_at) makes that possible)
+            for query, params, _index in cases[4:6]:
+                assert "Index Only Scan" in explain(admin, query, params)
+        plan = explain(admin, b._q_load_running, (["job-1", "job-2", "job-x"],))
+        assert_index_plan(plan, "jobs_pkey")
+
+
+def claim_params(job_type: str) -> dict[str, object]:
+    return {
+        "type": job_type,
+        "limit": 10,
+        "now": NOW,
+        "owner": "instance-a",
+        "token": "token-1",
+        "until": NOW + 30,
+    }
+
+
+@pytest.fixture
+def tier_rows(pg_schema: str) -> Iterator[tuple[PostgresBackend, PostgresTier]]:
+    """5000 rows, a few of them claimed through the record store's tier, analyzed."""
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    try:
+        statuses = (
+            [Status.COMPLETED] * 40
+            + [Status.FAILED] * 4
+            + [Status.QUEUED] * 2
+            + [Status.SCHEDULED] * 2
+            + [Status.RUNNING]
+        )
+        jobs: list[Job] = []
+        for n in range(5000):
+            status = statuses[n % len(statuses)]
+            spread = (n * 7919 % 5000) / 10
+            jobs.append(
+                make_job(
+                    n,
+                    status=status,
+                    job_type=f"type{n % 5}",
+                    priority=1 + n % 3,
+                    scheduled_at=NOW - 250 + spread,
+                    started_at=NOW - spread if status is Status.RUNNING else None,
+                    lease_expires_at=NOW - 35 + n % 7 * 10 if status is Status.RUNNING else None,
+                    completed_at=NOW + spread if status is Status.COMPLETED else None,
+                )
+            )
+        b.commit(Batch(jobs, ()))
+        with admin_connection() as admin:
+            admin.execute(
+                f"UPDATE \"{pg_schema}\".jobs SET claim_token = md5(id), claim_owner = 'o', "
+                "claim_until = %s + seq %% 97 "
+                "WHERE status IN ('queued', 'scheduled', 'running') AND seq %% 10 < 3",
+                (NOW,),
+            )
+            admin.execute(f'ANALYZE "{pg_schema}".jobs')
+        yield b, PostgresTier(b)
+    finally:
+        b.close()
+
+
+def test_pg_stale_running_and_the_tier_reads_use_their_indexes(
+    tier_rows: tuple[PostgresBackend, PostgresTier],
+) -> None:
+    """EXPLAIN of stale_running and PostgresTier's queries on 5000 rows, after ANALYZE."""
+    b, tier = tier_rows
+    cases: list[tuple[sql.Composable, object, str]] = [
+        (b._q_stale, (NOW - 30, 200), "jobs_running"),
+        (b._q_stale, (NOW - 30, 10), "jobs_running"),
+        (tier._q_next_due, None, "jobs_next_due"),
+        (tier._q_expired, (NOW + 20, 100), "jobs_claims"),
+    ]
+    with admin_connection() as admin:
+        for query, params, _index in cases:
+            assert_index_plan(explain(admin, query, params))
+        # the sweeper's page of a table this size: the index, in order, without a sort
+        assert_index_plan(explain(admin, b._q_stale, (NOW - 30, 10)), "jobs_running", ordered=True)
+        assert_index_plan(explain(admin, tier._q_next_due), "jobs_next_due", ordered=True)
+        with ordered_index_plans(admin):
+            for query, params, index in cases:
+                assert_index_plan(explain(admin, query, params), index, ordered=True)
+
+
+def test_pg_tier_claim_uses_the_ready_and_due_indexes(
+    tier_rows: tuple[PostgresBackend, PostgresTier],
+) -> None:
+    _b, tier = tier_rows
+    with admin_connection() as admin:
+        plan = explain(admin, tier._q_claim, claim_params("type3"))
+        assert_index_plan(plan, "jobs_ready", "jobs_due", "jobs_pkey")
+        with ordered_index_plans(admin):
+            # each arm reads its index in claim order (the final pick of at most twice
+            # `limit` candidates is a small sort of its own)
+            plan = explain(admin, tier._q_claim, claim_params("type3"))
+            assert "Index Scan using jobs_ready on jobs" in plan, plan
+            assert "Index Scan using jobs_due on jobs" in plan, plan
+            assert "Seq Scan" not in plan, plan
 
 
 def test_pg_url_parameters_and_validation() -> None:
