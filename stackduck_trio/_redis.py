@@ -394,6 +394,7 @@ class RedisTier:
     """
 
     kind = "redis"
+    holds_records = False
     #: wait_ready sends PING after this many idle seconds, to notice a dead link.
     keepalive: float = 10.0
 

@@ -78,6 +78,8 @@ class QueueTier(Protocol):
     """
 
     kind: str
+    #: The tier is the record store itself (nothing to reconcile from it).
+    holds_records: bool
 
     async def open(self) -> None:
         """Connect (and load scripts). Raises TierUnavailable."""
@@ -103,9 +105,13 @@ class QueueTier(Protocol):
     ) -> list[Claim]:
         """Take up to ``limit`` ready jobs of ``job_type``, best first.
 
-        Scheduled jobs of any type that are due at ``now`` become ready
-        first. Nothing is taken while ``job_type`` is paused. Every job taken
-        is claimed by ``owner`` under ``token`` until ``until``.
+        Scheduled jobs that are due at ``now`` are claimable like ready
+        ones, at their placement's ready score. (Memory and Redis first move
+        every due job, of any type, to the ready sets; the record-store tier
+        has no separate ready set, so there a due job counts as scheduled, and
+        in :meth:`next_due`, until a claim of its type takes it.) Nothing is
+        taken while ``job_type`` is paused. Every job taken is claimed by
+        ``owner`` under ``token`` until ``until``.
         """
         ...
 
@@ -137,7 +143,8 @@ class QueueTier(Protocol):
     async def paused(self) -> frozenset[str]: ...
 
     async def next_due(self) -> float | None:
-        """The earliest due time among scheduled jobs, or ``None``."""
+        """The earliest due time among scheduled jobs, or ``None`` (it may be past:
+        see :meth:`claim`)."""
         ...
 
     async def counts(self) -> TierCounts: ...
@@ -166,6 +173,7 @@ class MemoryTier:
     """The tier contract in one process: the reference for the conformance tests."""
 
     kind = "memory"
+    holds_records = False
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
