@@ -529,7 +529,9 @@ class Recovery:
     requeue: Job | None
 
 
-def recover_claim(job: Job | None, *, now: float, policy: LifecyclePolicy | None = None) -> Recovery:
+def recover_claim(
+    job: Job | None, *, now: float, policy: LifecyclePolicy | None = None
+) -> Recovery:
     """Decide for a job claimed by an instance that stopped renewing its claims.
 
     The instance died or lost the tier for a whole claim period, so nothing it

@@ -53,7 +53,7 @@ from stackduck_core import (
     Status,
     validate_enqueue,
 )
-from stackduck_core._failover import Durability, EnqueueMode, route
+from stackduck_core._failover import Durability, EnqueueMode, Route, route
 
 from ._clock import Clock
 from ._store import GroupCommitter, StorageUnavailable
@@ -131,6 +131,8 @@ class Broker:
         committer: the record store's single writer.
         clock: wall time for the core, and deadlines for trio.
         write_timeout: how long a request waits for its write to commit.
+        durability: what new jobs get while the record store is away
+            (ARCHITECTURE §4): refused (strict), or accepted into an outbox.
     """
 
     def __init__(
@@ -140,8 +142,10 @@ class Broker:
         committer: GroupCommitter,
         clock: Clock,
         write_timeout: float = 10.0,
+        durability: Durability = Durability.STRICT,
     ) -> None:
         self.core = core
+        self.durability = durability
         self.committer = committer
         self.clock = clock
         self.write_timeout = write_timeout
@@ -229,9 +233,13 @@ class Broker:
         one key (also within one batch) share the first one's job.
         """
         await self._admission()
-        decision = route(None, self.committer.health.state, Durability.STRICT)
+        decision = self.route()
         if decision.enqueue is EnqueueMode.REJECT_UNAVAILABLE:
             raise Unavailable(f"{self.committer.backend.kind}: {decision.reason}")
+        # durability=buffered with the store away: the committer's backlog is
+        # the outbox (flushed in order when the store is back); the jobs are
+        # queued at once and the answer does not wait for the store.
+        buffered = decision.enqueue is EnqueueMode.BUFFER
         now = self.clock.now()
         results: list[Job | Duplicate | Rejected | None] = []
         specs: dict[int, JobSpec] = {}
@@ -274,20 +282,24 @@ class Broker:
         if accepted:
 
             def admit() -> None:
-                admitted_at = self.clock.now()
-                for job in accepted:
-                    self.core.restore(job, now=admitted_at)
+                self._admit_new(accepted)
                 for key, entry in new_keys:
-                    self._drop_key(key, entry)  # the core's index has it now
-                self.changed()
+                    self._drop_key(key, entry)  # the core's index (or the store) has it now
 
             try:
-                written = self.committer.write(accepted, on_commit=admit)
+                written = self.committer.write(accepted, on_commit=None if buffered else admit)
             except StorageUnavailable:  # shut down: requests sharing a key must not hang
                 for key, entry in new_keys:
                     entry.job = None
                     self._drop_key(key, entry)
                 raise
+            if buffered:
+                log.warning(
+                    "record store away: %d new jobs accepted into the outbox (durability=buffered)",
+                    len(accepted),
+                )
+                admit()
+                written = None
             for _key, entry in new_keys:
                 entry.written = written
                 entry.ready.set()
@@ -302,12 +314,24 @@ class Broker:
             results[index] = Duplicate(self.core.get(entry.job.id) or entry.job)
         if written is not None:
             await self._committed(written)
+        if accepted:
+            await self._published(accepted)
         if lookup_failed:
             message = "the record store failed on a request with the same idempotency key"
-            raise OutcomeUnknown(message) if written is not None else Unavailable(message)
+            raise OutcomeUnknown(message) if accepted else Unavailable(message)
         out = [r for r in results if r is not None]
         assert len(out) == len(requests)
         return out
+
+    def _admit_new(self, jobs: Sequence[Job]) -> None:
+        """New jobs have committed: make them deliverable (here: the memory queue)."""
+        admitted_at = self.clock.now()
+        for job in jobs:
+            self.core.restore(job, now=admitted_at)
+        self.changed()
+
+    async def _published(self, jobs: Sequence[Job]) -> None:
+        """New jobs have committed and been admitted; a shared tier pushes them here."""
 
     async def _lookup_keys(
         self,
@@ -519,10 +543,29 @@ class Broker:
 
     # -- dead letters and pauses -------------------------------------------------------
 
-    def dead_ids(self, job_ids: Sequence[str], job_type: str) -> list[str]:
+    async def dead_page(
+        self, job_type: str | None, page_token: str, limit: int, max_bytes: int
+    ) -> tuple[list[Job], str]:
+        """One page of dead letters in the order they died, and the next page's token.
+
+        Raises:
+            ValueError: ``page_token`` is not one this server issued.
+        """
+        after = 0
+        if page_token:
+            try:
+                after = int(page_token)
+            except ValueError:
+                raise ValueError("not a token from this server") from None
+        jobs, cursor = self.core.dead(
+            job_type=job_type, after=after, limit=limit, max_bytes=max_bytes
+        )
+        return jobs, str(cursor) if cursor else ""
+
+    async def dead_ids(self, job_ids: Sequence[str], job_type: str, limit: int) -> list[str]:
         if job_ids:
-            return list(job_ids)
-        return self.core.dead_ids(None if job_type == "*" else job_type)
+            return list(job_ids)[:limit]
+        return self.core.dead_ids(None if job_type == "*" else job_type)[:limit]
 
     async def requeue(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
         await self._admission()
@@ -587,10 +630,42 @@ class Broker:
         for job_type in job_types:
             self.core.pause(job_type)
 
-    def statistics(self) -> QueueStats:
+    async def statistics(self) -> QueueStats:
         return self.core.statistics()
 
+    def backends(self) -> list[tuple[str, str, str]]:
+        """``(role, kind, health)`` of each backend, for GetStats."""
+        return [
+            ("record_store", self.committer.backend.kind, self.committer.health.state.value),
+            ("queue_tier", "memory", "healthy"),
+        ]
+
+    def route(self) -> Route:
+        """The storage path requests take now (decided by the core)."""
+        return route(None, self.committer.health.state, self.durability)
+
     # -- tasks -------------------------------------------------------------------------
+
+    async def prepare(self) -> str:
+        """Rebuild the queue from the record store at start; returns a log line.
+
+        Pauses first: nothing may be delivered for a paused type, ever.
+        """
+        backend = self.committer.backend
+        paused = await self.committer.run_blocking(backend.load_paused)
+        self.restore_paused(paused)
+        jobs = await self.committer.run_blocking(backend.load_active)
+        requeued = self.restore(jobs)
+        return (
+            f"record store {backend.kind}: {len(jobs)} active jobs restored, "
+            f"{requeued} running jobs requeued, {len(paused)} job types paused"
+        )
+
+    async def run_tasks(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The broker's background tasks (here: the timer), until cancelled."""
+        await self.run_timer(task_status=task_status)
 
     async def run_timer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

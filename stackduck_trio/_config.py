@@ -30,6 +30,8 @@ class ServerConfig:
     data_dir: str = "./stackduck-data"
     database_url: str | None = None
     redis_url: str | None = None
+    redis_prefix: str = "stackduck"
+    queue: str = "auto"
     tokens: tuple[str, ...] = ()
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -39,6 +41,7 @@ class ServerConfig:
     heartbeat_interval: float = 2.0
     grace_period: float = 10.0
     write_timeout: float = 10.0
+    durability: str = "strict"
     max_lost_leases: int = 5
     sqlite_synchronous: str = "full"
     log_format: str = "human"
@@ -97,6 +100,12 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _key_prefix(text: str) -> str:
+    if not text or len(text) > 64 or not all(c.isalnum() or c in "-_.:" for c in text):
+        raise ValueError("1 to 64 characters among letters, digits and - _ . :")
+    return text
+
+
 def _optional(text: str) -> str | None:
     return text or None
 
@@ -118,7 +127,36 @@ SETTINGS: Final = (
         "PostgreSQL record store (instead of SQLite)",
         "URL",
     ),
-    Setting("redis_url", "REDIS_URL", _optional, "Redis queue tier (not yet)", "URL"),
+    Setting(
+        "redis_url",
+        "REDIS_URL",
+        _optional,
+        "Redis queue tier shared by several instances (needs DATABASE_URL)",
+        "URL",
+    ),
+    Setting(
+        "redis_prefix",
+        "STACKDUCK_REDIS_PREFIX",
+        _key_prefix,
+        "prefix of every Redis key (clusters sharing one Redis need distinct ones)",
+        "PREFIX",
+    ),
+    Setting(
+        "durability",
+        "STACKDUCK_DURABILITY",
+        _choice("strict", "buffered"),
+        "while the record store is down: strict refuses new jobs (UNAVAILABLE); buffered "
+        "accepts them into the queue and an in-memory outbox written when it is back",
+        "MODE",
+    ),
+    Setting(
+        "queue",
+        "STACKDUCK_QUEUE",
+        _choice("auto", "memory", "redis", "postgres"),
+        "queue tier: auto (redis with REDIS_URL, else memory), memory (one instance), "
+        "redis, or postgres (instances share the DATABASE_URL store without Redis)",
+        "TIER",
+    ),
     Setting(
         "tokens",
         "STACKDUCK_TOKENS",

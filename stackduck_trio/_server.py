@@ -18,6 +18,7 @@ Shutdown (``shutdown`` event set, e.g. by SIGTERM in the CLI):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import logging
@@ -26,7 +27,7 @@ import ssl
 import trio
 
 from stackduck_core import LifecyclePolicy, Limits, QueueCore
-from stackduck_core._failover import BackendHealth, BackendRole
+from stackduck_core._failover import BackendHealth, BackendRole, Durability
 
 from ._broker import Broker, new_id
 from ._clock import Clock, WallClock
@@ -34,18 +35,16 @@ from ._config import ConfigError, ServerConfig
 from ._proto import health_pb2, stackduck_pb2
 from ._rpc import CallContext, RpcError, RpcServer, method_table, server_ssl_context
 from ._service import HealthService, StackDuckService
+from ._shared import SharedBroker
 from ._store import Backend, GroupCommitter, MemoryBackend, SqliteBackend
+from ._tier import QueueTier as Tier
 
 log = logging.getLogger("stackduck.server")
 
 
 def make_backend(config: ServerConfig) -> Backend:
     """The record-store backend the configuration asks for."""
-    if config.redis_url:
-        raise ConfigError(
-            "REDIS_URL is set, but the Redis queue tier is not part of this build yet; "
-            "unset REDIS_URL to use the embedded in-memory queue"
-        )
+    check_queue(config)
     if config.database_url:
         from ._postgres import PostgresBackend  # psycopg loads only when used
 
@@ -53,6 +52,30 @@ def make_backend(config: ServerConfig) -> Backend:
     if config.data_dir == ":memory:":
         return MemoryBackend()
     return SqliteBackend(config.sqlite_path, synchronous=config.sqlite_synchronous)
+
+
+def queue_kind(config: ServerConfig) -> str:
+    """The queue tier the configuration asks for: memory, redis or postgres."""
+    if config.queue == "auto":
+        return "redis" if config.redis_url else "memory"
+    return config.queue
+
+
+def check_queue(config: ServerConfig) -> None:
+    """Refuse queue settings that cannot work, before anything starts."""
+    kind = queue_kind(config)
+    if kind == "redis" and not config.redis_url:
+        raise ConfigError("STACKDUCK_QUEUE=redis needs REDIS_URL")
+    if kind == "memory" and config.redis_url:
+        raise ConfigError("REDIS_URL is set but STACKDUCK_QUEUE=memory: unset one of them")
+    if kind == "postgres" and config.redis_url:
+        raise ConfigError("REDIS_URL is set but STACKDUCK_QUEUE=postgres: unset one of them")
+    if kind in ("redis", "postgres") and not config.database_url:
+        raise ConfigError(
+            f"a {kind} queue tier needs DATABASE_URL: instances share a queue only together "
+            "with a shared PostgreSQL record store (the embedded SQLite store belongs to "
+            "one instance)"
+        )
 
 
 def _authenticator(tokens: tuple[str, ...]):  # type: ignore[no-untyped-def]
@@ -84,6 +107,7 @@ async def serve(
     shutdown: trio.Event | None = None,
     clock: Clock | None = None,
     backend: Backend | None = None,
+    tier: Tier | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a server until ``shutdown`` is set (or the caller cancels).
@@ -93,10 +117,38 @@ async def serve(
         shutdown: set it to shut down gracefully; ``None`` runs until cancelled.
         clock: wall clock (tests inject one that follows trio's mock clock).
         backend: a record-store backend to use instead of the configured one.
+        tier: a shared queue tier to use instead of the configured one (tests:
+            several in-process instances on one :class:`MemoryTier`).
         task_status: receives the bound port once the server accepts calls.
     """
-    clock = clock or WallClock()
     backend = backend or make_backend(config)
+    async with contextlib.AsyncExitStack() as stack:
+        if tier is None and queue_kind(config) == "redis":
+            from ._redis import open_redis_tier  # redis and trio-asyncio load only when used
+
+            assert config.redis_url is not None  # check_queue
+            tier = await stack.enter_async_context(
+                open_redis_tier(config.redis_url, prefix=config.redis_prefix, must_connect=False)
+            )
+        await _serve(
+            config,
+            shutdown=shutdown,
+            clock=clock or WallClock(),
+            backend=backend,
+            tier=tier,
+            task_status=task_status,
+        )
+
+
+async def _serve(
+    config: ServerConfig,
+    *,
+    shutdown: trio.Event | None,
+    clock: Clock,
+    backend: Backend,
+    tier: Tier | None,
+    task_status: trio.TaskStatus[int],
+) -> None:
     ssl_context: ssl.SSLContext | None = None
     if config.tls_cert and config.tls_key:
         ssl_context = server_ssl_context(config.tls_cert, config.tls_key)
@@ -110,26 +162,47 @@ async def serve(
         limits=Limits(max_payload_bytes=config.max_payload_bytes),
         default_lease=config.lease_seconds,
     )
-    broker = Broker(core=core, committer=committer, clock=clock, write_timeout=config.write_timeout)
+    broker: Broker
+    fallback: Tier | None = None
+    if backend.kind == "postgres":
+        # The record store as a queue: the whole tier without Redis, or the
+        # fallback every instance claims from while Redis is down.
+        from ._pgtier import PostgresTier  # psycopg loads only when used
+        from ._postgres import PostgresBackend
+
+        assert isinstance(backend, PostgresBackend)
+        if tier is None and queue_kind(config) == "postgres":
+            tier = PostgresTier(backend)
+        elif tier is not None:
+            fallback = PostgresTier(backend)
+    if tier is None:
+        broker = Broker(
+            core=core,
+            committer=committer,
+            clock=clock,
+            write_timeout=config.write_timeout,
+            durability=Durability(config.durability),
+        )
+    else:
+        broker = SharedBroker(
+            core=core,
+            committer=committer,
+            clock=clock,
+            write_timeout=config.write_timeout,
+            durability=Durability(config.durability),
+            tier=tier,
+            tier_health=BackendHealth(tier.kind, BackendRole.QUEUE_TIER),
+            fallback=fallback,
+            owner=new_id(),
+            claim_seconds=config.lease_seconds,
+        )
     await committer.run_blocking(backend.open)
     try:
         async with trio.open_nursery() as root:
             await root.start(committer.run)
-            # Pauses first: nothing may be delivered for a paused type, ever.
-            paused = await committer.run_blocking(backend.load_paused)
-            broker.restore_paused(paused)
-            jobs = await committer.run_blocking(backend.load_active)
-            requeued = broker.restore(jobs)
-            log.info(
-                "record store %s: %d active jobs restored, %d running jobs requeued, "
-                "%d job types paused",
-                backend.kind,
-                len(jobs),
-                requeued,
-                len(paused),
-            )
+            log.info("%s", await broker.prepare())
             async with trio.open_nursery() as services:
-                await services.start(broker.run_timer)
+                await services.start(broker.run_tasks)
                 methods = {
                     **method_table(
                         stackduck_pb2.DESCRIPTOR.services_by_name["StackDuckService"],

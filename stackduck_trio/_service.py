@@ -17,13 +17,11 @@ import trio
 from purerpc.grpclib.status import StatusCode
 
 from stackduck_core import (
-    Durability,
     EnqueueMode,
     EnqueueRequest,
     Job,
     Limits,
     Rejected,
-    route,
     validate_job_type,
     validate_lease_seconds,
     validate_prefetch,
@@ -312,22 +310,19 @@ class StackDuckService:
             raise RpcError(StatusCode.INVALID_ARGUMENT, f"limit must be between 1 and {MAX_LIST}")
         if request.job_type:
             _check_type(request.job_type, self.broker.core.limits)
-        after = 0
-        if request.page_token:
-            try:
-                after = int(request.page_token)
-            except ValueError:
-                raise RpcError(
-                    StatusCode.INVALID_ARGUMENT, "page_token: not a token from this server"
-                ) from None
-        jobs, cursor = self.broker.core.dead(
-            job_type=request.job_type or None, after=after, limit=limit, max_bytes=MAX_PAGE_BYTES
-        )
-        return pb.ListDeadJobsResponse(
-            jobs=[job_to_pb(j) for j in jobs], next_page_token=str(cursor) if cursor else ""
-        )
+        try:
+            jobs, cursor = await self._call(
+                self.broker.dead_page(
+                    request.job_type or None, request.page_token, limit, MAX_PAGE_BYTES
+                )
+            )
+        except ValueError:
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT, "page_token: not a token from this server"
+            ) from None
+        return pb.ListDeadJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=cursor)
 
-    def _select(self, job_ids: Sequence[str], job_type: str) -> list[str]:
+    async def _select(self, job_ids: Sequence[str], job_type: str) -> list[str]:
         if bool(job_ids) == bool(job_type):
             raise RpcError(
                 StatusCode.INVALID_ARGUMENT,
@@ -339,12 +334,13 @@ class StackDuckService:
             _check_type(job_type, self.broker.core.limits)
         # By type: at most MAX_BATCH per call (the answer lists every item);
         # callers repeat until the count is 0.
-        return self.broker.dead_ids(list(job_ids), job_type)[:MAX_BATCH]
+        ids: list[str] = await self._call(self.broker.dead_ids(list(job_ids), job_type, MAX_BATCH))
+        return ids
 
     async def RequeueDeadJobs(
         self, request: pb.RequeueDeadJobsRequest, ctx: CallContext
     ) -> pb.RequeueDeadJobsResponse:
-        ids = self._select(request.job_ids, request.job_type)
+        ids = await self._select(request.job_ids, request.job_type)
         results = await self._call(self.broker.requeue(ids))
         return pb.RequeueDeadJobsResponse(
             results=[_item(r) for r in results],
@@ -354,7 +350,7 @@ class StackDuckService:
     async def PurgeDeadJobs(
         self, request: pb.PurgeDeadJobsRequest, ctx: CallContext
     ) -> pb.PurgeDeadJobsResponse:
-        ids = self._select(request.job_ids, request.job_type)
+        ids = await self._select(request.job_ids, request.job_type)
         results = await self._call(self.broker.purge(ids))
         return pb.PurgeDeadJobsResponse(
             results=[_item(r) for r in results],
@@ -362,7 +358,7 @@ class StackDuckService:
         )
 
     async def GetStats(self, request: pb.GetStatsRequest, ctx: CallContext) -> pb.GetStatsResponse:
-        stats = self.broker.statistics()
+        stats = await self._call(self.broker.statistics())
         streams = self.broker.core.dispatcher.statistics()
         names = sorted(
             stats.types.keys() | self.broker.counters.keys() | streams.streams_by_type.keys()
@@ -387,19 +383,14 @@ class StackDuckService:
                     retried=c.retried if c else 0,
                 )
             )
-        health = self.broker.committer.health
         return pb.GetStatsResponse(
             types=types,
             workers=streams.streams,
             running=stats.running,
             dead=stats.dead,
             backends=[
-                pb.BackendHealth(
-                    name="record_store",
-                    kind=self.broker.committer.backend.kind,
-                    state=health.state.value,
-                ),
-                pb.BackendHealth(name="queue_tier", kind="memory", state="healthy"),
+                pb.BackendHealth(name=name, kind=kind, state=state)
+                for name, kind, state in self.broker.backends()
             ],
         )
 
@@ -468,8 +459,7 @@ class HealthService:
     def _status(self) -> int:
         if self.broker.draining:
             return health_pb2.HealthCheckResponse.NOT_SERVING
-        decision = route(None, self.broker.committer.health.state, Durability.STRICT)
-        if decision.enqueue is not EnqueueMode.ACCEPT:
+        if self.broker.route().enqueue is not EnqueueMode.ACCEPT:
             return health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse.SERVING
 

@@ -25,6 +25,7 @@ import trio
 from ._config import ServerConfig, load_config
 from ._server import serve
 from ._store import Backend
+from ._tier import QueueTier
 
 
 @contextlib.asynccontextmanager
@@ -32,12 +33,14 @@ async def open_test_server(
     data_dir: str | os.PathLike[str] = ":memory:",
     *,
     backend: Backend | None = None,
+    tier: QueueTier | None = None,
     **overrides: object,
 ) -> AsyncIterator[tuple[int, ServerConfig]]:
     """Run a server on 127.0.0.1 and a free port for the duration of the block.
 
     Yields ``(port, config)``. Leaving the block shuts the server down
-    gracefully (drain, flush) unless the test cancelled it first.
+    gracefully (drain, flush) unless the test cancelled it first. Servers
+    given one ``tier`` (and backends on one database) form a cluster.
     """
     config = load_config(
         environ={},
@@ -47,7 +50,7 @@ async def open_test_server(
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
             lambda task_status: serve(
-                config, shutdown=shutdown, backend=backend, task_status=task_status
+                config, shutdown=shutdown, backend=backend, tier=tier, task_status=task_status
             )
         )
         try:

@@ -253,3 +253,49 @@ async def test_a_retried_ack_gets_the_first_answer(
     # a different outcome for the same delivery is still refused
     other = await h.broker.fail(job.id, claimed.lease_id, "late")
     assert isinstance(other, Rejected) and other.reason is RejectReason.WRONG_STATE
+
+
+async def test_buffered_durability_accepts_and_delivers_while_the_store_is_down(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    from stackduck_core import Durability, Health
+
+    h.broker.durability = Durability.BUFFERED
+    h.backend.fail_next = 1_000_000
+    with pytest.raises(OutcomeUnknown):
+        await enqueue(h)  # the store still looked usable: a plain write, unconfirmed
+    assert h.broker.committer.health.state is Health.DOWN
+    # Down: new jobs go to the queue and the outbox, answered at once.
+    accepted = [await enqueue(h) for _ in range(3)]
+    assert not h.backend.rows
+    sid, jobs = h.broker.open_stream(
+        worker_id="w", job_types=["t"], prefetch=10, lease_seconds=None
+    )
+    delivered = [jobs.receive_nowait() for _ in range(3)]
+    assert {j.id for j in accepted} == {j.id for j in delivered}
+    # Acks are buffered too; their answers wait for the store (an answer means durable).
+    async with trio.open_nursery() as nursery:
+        for job in delivered:
+            nursery.start_soon(h.broker.complete, job.id, job.lease_id)
+        await trio.sleep(1)
+        h.backend.fail_next = 0  # the store is back: the outbox is written in order
+    # ...and the first job, written (not buffered) before the store was known to be
+    # down, is queued once its write commits.
+    with trio.fail_after(60):
+        late = await jobs.receive()
+    assert isinstance(await h.broker.complete(late.id, late.lease_id), Job)
+    await trio.sleep(1)
+    assert {r.status for r in h.backend.rows.values()} == {Status.COMPLETED}
+    assert len(h.backend.rows) == 4
+    assert h.broker.committer.health.state is Health.HEALTHY
+    del sid
+
+
+async def test_strict_durability_refuses_new_jobs_while_the_store_is_down(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    h.backend.fail_next = 1_000_000
+    with pytest.raises(OutcomeUnknown):
+        await enqueue(h)
+    with pytest.raises(Unavailable, match="durability=strict refuses new jobs"):
+        await enqueue(h)

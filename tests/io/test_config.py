@@ -68,19 +68,25 @@ def test_env_file_syntax_error(tmp_path: pathlib.Path) -> None:
         read_env_file(env_file)
 
 
-def test_backends_not_in_this_build_are_refused_clearly() -> None:
+def test_backend_and_queue_combinations_are_checked() -> None:
     # DATABASE_URL selects the PostgreSQL record store (no I/O until it is opened)...
     backend = make_backend(load_config(environ={"DATABASE_URL": "postgresql://x"}))
     assert backend.kind == "postgres"
     with pytest.raises(ConfigError, match="not a valid PostgreSQL URL"):
         make_backend(load_config(environ={"DATABASE_URL": "postgresql://x:notaport/db"}))
-    # ...while the Redis queue tier is not part of this build yet.
-    with pytest.raises(ConfigError, match="REDIS_URL is set"):
+    # A shared queue tier needs a shared record store.
+    with pytest.raises(ConfigError, match="redis queue tier needs DATABASE_URL"):
         make_backend(load_config(environ={"REDIS_URL": "redis://x"}))
-    with pytest.raises(ConfigError, match="REDIS_URL is set"):
-        make_backend(
-            load_config(environ={"DATABASE_URL": "postgresql://x", "REDIS_URL": "redis://x"})
-        )
+    with pytest.raises(ConfigError, match="postgres queue tier needs DATABASE_URL"):
+        make_backend(load_config(environ={"STACKDUCK_QUEUE": "postgres"}))
+    with pytest.raises(ConfigError, match="needs REDIS_URL"):
+        make_backend(load_config(environ={"STACKDUCK_QUEUE": "redis"}))
+    for queue in ("memory", "postgres"):
+        environ = {"DATABASE_URL": "postgresql://x", "REDIS_URL": "redis://x"}
+        with pytest.raises(ConfigError, match=f"REDIS_URL is set but STACKDUCK_QUEUE={queue}"):
+            make_backend(load_config(environ={**environ, "STACKDUCK_QUEUE": queue}))
+    both = {"DATABASE_URL": "postgresql://x", "REDIS_URL": "redis://x"}
+    assert make_backend(load_config(environ=both)).kind == "postgres"
 
 
 def test_help_documents_every_setting() -> None:

@@ -1,0 +1,847 @@
+"""The broker of an instance that shares a queue tier (Redis) with other instances.
+
+What changes from the embedded :class:`~stackduck_trio._broker.Broker`
+(whose rules, lifecycle and fencing all still apply, through the same core):
+
+* **New jobs** are committed to the record store, then pushed to the tier,
+  then acknowledged: any instance can deliver them.
+* **Claims.** A *feeder* task claims ready jobs from the tier for this
+  instance, as many per job type as its worker streams have free credit
+  (:meth:`~stackduck_core.QueueCore.demand`), and admits them into the local
+  core, which leases them to streams exactly as in the embedded mode. It runs
+  when credit frees up, when the tier announces ready jobs (pub/sub, so a job
+  enqueued on another instance reaches an idle worker here within
+  milliseconds), at the next scheduled job's due time, and every
+  ``poll_interval`` as a safety net.
+* **Ends of deliveries** (ack, nack, lost lease, release) are written to the
+  record store as before; the job then leaves the local core and its claim is
+  *settled* in the tier: back to the ready or scheduled set, or out of the
+  tier. Settles are batched by one task.
+* **Claims live while this instance does.** A renewer moves the deadline of
+  every claim held here every ``claim_seconds / 3``. A *reaper* on every
+  instance looks for claims whose deadline passed (their instance died or
+  lost the tier), reads the jobs' records from the record store and lets the
+  core decide (:func:`~stackduck_core.recover_claim`): a running job lost its
+  lease (requeued, or dead-lettered by the poison-pill guard), a queued one
+  goes back as it is, a finished one leaves the tier.
+* **Dead letters, requeue and purge** work on the record store, so every
+  instance sees every dead job.
+* **Failover** follows the core's :func:`~stackduck_core.route`. When Redis
+  fails (its health machine leaves HEALTHY/SUSPECT), every instance claims
+  straight from the record store (the ``fallback`` tier,
+  :class:`~stackduck_trio._pgtier.PostgresTier`: ``FOR UPDATE SKIP LOCKED``,
+  LISTEN/NOTIFY wake-ups), so no job waits for Redis, whichever instance
+  queued it. Probes with capped backoff watch Redis; when it answers again it
+  is reconciled before use: every queued or scheduled job of the record store
+  is pushed again (pushes never duplicate a claimed job), which also repairs a
+  Redis that restarted empty or was flushed. With no fallback, the instance's
+  memory queues new jobs meanwhile (moved to Redis by the reconcile).
+* **Orphans.** Lease extensions are written through, and a *sweeper*
+  requeues running jobs whose lease ran out on record long ago -- a delivery
+  whose instance died while its claim was lost with Redis's data.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import trio
+
+from stackduck_core import (
+    BackendHealth,
+    Cancelled,
+    HealthChanged,
+    Job,
+    Purged,
+    QueueStats,
+    QueueTier,
+    Rejected,
+    RejectReason,
+    Requeued,
+    Route,
+    StartReconcile,
+    Status,
+    TypeStats,
+    recover_claim,
+    route,
+)
+from stackduck_core._failover import (
+    HealthEvent,
+    OpFailed,
+    OpSucceeded,
+    ProbeFailed,
+    ProbeSucceeded,
+    ReconcileFinished,
+)
+
+from ._broker import Broker, Unavailable, new_id
+from ._store import StorageUnavailable, dead_page_token
+from ._tier import Claim, TierUnavailable
+from ._tier import QueueTier as Tier
+
+log = logging.getLogger("stackduck.shared")
+T = TypeVar("T")
+
+_WAITING = (Status.QUEUED, Status.SCHEDULED)
+
+
+class SharedBroker(Broker):
+    """A broker whose queue is shared with other instances through a tier.
+
+    Args:
+        tier: the shared queue tier (Redis, or the record store's
+            :class:`~stackduck_trio._pgtier.PostgresTier` for a cluster
+            without Redis).
+        tier_health: its health machine (role QUEUE_TIER).
+        fallback: the tier to claim from while ``tier`` is down (the record
+            store's PostgresTier), or ``None``: then only this instance's
+            memory queues new jobs until ``tier`` is back.
+        owner: this instance's id, recorded with its claims.
+        claim_seconds: how long a claim lives without renewal; a dead
+            instance's jobs are reaped after about this long.
+        poll_interval: the feeder's safety-net period.
+        claim_batch: most jobs claimed in one tier operation.
+        sweep_interval: how often the record store is searched for running
+            jobs nobody manages any more (see :meth:`sweep`).
+        Other arguments: as :class:`Broker`.
+    """
+
+    def __init__(
+        self,
+        *,
+        tier: Tier,
+        tier_health: BackendHealth,
+        fallback: Tier | None = None,
+        owner: str,
+        claim_seconds: float,
+        poll_interval: float = 1.0,
+        claim_batch: int = 256,
+        sweep_interval: float = 5.0,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.tier = tier
+        self.tier_health = tier_health
+        self.fallback = fallback
+        self.owner = owner
+        self.claim_seconds = claim_seconds
+        self.poll_interval = poll_interval
+        self.claim_batch = claim_batch
+        self.sweep_interval = sweep_interval
+        # job id -> (tier, claim token), for the jobs held here
+        self._tokens: dict[str, tuple[Tier, str]] = {}
+        self._settles: dict[Tier, list[tuple[str, str, Job | None]]] = {}
+        self._pushes: list[Job] = []
+        self._tier_wakeup = trio.Event()  # settles or pushes are waiting
+        self._feed_wakeup = trio.Event()
+        self._health_wakeup = trio.Event()
+        self._next_due: float | None = None
+        self._due_dirty = True
+        self._reconcile: tuple[int, trio.CancelScope] | None = None
+        self._nursery: trio.Nursery | None = None
+        #: jobs claimed, claims reaped, orphans swept (for tests and logs)
+        self.claimed = 0
+        self.reaped = 0
+        self.swept = 0
+
+    # -- routing and health ---------------------------------------------------------------
+
+    def route(self) -> Route:
+        return route(self.tier_health.state, self.committer.health.state, self.durability)
+
+    def active(self) -> Tier | None:
+        """The tier to enqueue to and claim from now; ``None``: this instance's memory."""
+        decision = self.route()
+        if decision.queue is QueueTier.REDIS:
+            return self.tier
+        if decision.claim_record_store and self.fallback is not None:
+            return self.fallback
+        return None
+
+    @property
+    def tier_usable(self) -> bool:
+        return self.active() is not None
+
+    def backends(self) -> list[tuple[str, str, str]]:
+        store = self.committer
+        return [
+            ("record_store", store.backend.kind, store.health.state.value),
+            ("queue_tier", self.tier.kind, self.tier_health.state.value),
+        ]
+
+    def _health(self, event: HealthEvent) -> None:
+        for effect in self.tier_health.handle(event):
+            if isinstance(effect, HealthChanged):
+                active = self.active()
+                log.warning(
+                    "queue tier (%s) health: %s -> %s; claiming from %s (%s)",
+                    self.tier.kind,
+                    effect.old.value,
+                    effect.new.value,
+                    active.kind if active else "this instance's memory",
+                    self.route().reason,
+                )
+                self._health_wakeup.set()
+                self._feed_wakeup.set()
+                self._due_dirty = True
+            elif isinstance(effect, StartReconcile):
+                self._start_reconcile(effect.reconcile_id)
+
+    async def _call(self, fn: Callable[[], Awaitable[T]], tier: Tier) -> T:
+        """One tier operation; the primary tier's outcomes feed its health machine.
+
+        (The fallback's failures are the record store's, whose writer reports
+        them to the store's own machine.)
+        """
+        if tier is not self.tier:
+            return await fn()
+        started = self.clock.now()
+        try:
+            result = await fn()
+        except TierUnavailable:
+            self._health(OpFailed(now=self.clock.now(), started_at=started))
+            raise
+        self._health(OpSucceeded(now=self.clock.now(), started_at=started))
+        return result
+
+    # -- producers ------------------------------------------------------------------------
+
+    def _admit_new(self, jobs: Sequence[Job]) -> None:
+        if not self.tier_usable:
+            super()._admit_new(jobs)  # no tier: this instance's memory queues them
+
+    async def _published(self, jobs: Sequence[Job]) -> None:
+        fresh = [job for job in jobs if self.core.get(job.id) is None]
+        tier = self.active()
+        if not fresh or tier is None:
+            return
+        try:
+            await self._call(functools.partial(tier.push, fresh), tier)
+        except TierUnavailable as exc:
+            log.warning("queue tier push failed (%s): %d new jobs queued here", exc, len(fresh))
+            super()._admit_new([job for job in fresh if self.core.get(job.id) is None])
+
+    async def cancel(self, job_id: str) -> Job | Rejected:
+        if self.core.get(job_id) is not None:
+            return await super().cancel(job_id)
+        await self._admission()
+        record: Job | None = None
+        tier = self.active()
+        if tier is not None:
+            try:
+                record = (await self._call(functools.partial(tier.remove, [job_id]), tier))[0]
+            except TierUnavailable:
+                record = None
+        if record is None:
+            record = await self._stored(job_id)
+        if record is None:
+            return Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
+        if record.status is Status.RUNNING:
+            return Rejected(
+                RejectReason.WRONG_STATE,
+                f"job {job_id} is running on another server instance; cancel it there",
+            )
+        result = self.core.decide(record, Cancelled(now=self.clock.now()))
+        if not isinstance(result, Job):
+            assert result is not None  # only a purge deletes
+            return await self._explain(job_id, result)
+        await self._committed(self._persist([result]))
+        return result
+
+    # -- workers --------------------------------------------------------------------------
+
+    def changed(self) -> None:
+        super().changed()
+        if self._streams:
+            self._feed_wakeup.set()
+
+    async def claim(
+        self, job_type: str, *, worker_id: str, lease_seconds: float | None
+    ) -> Job | None:
+        await self._admission()
+        tier = self.active()
+        if tier and not self.core.ready_count(job_type) and job_type not in self.core.paused:
+            try:
+                await self._claim(tier, job_type, 1)
+            except TierUnavailable:
+                pass
+        return await super().claim(job_type, worker_id=worker_id, lease_seconds=lease_seconds)
+
+    async def _claim(self, tier: Tier, job_type: str, limit: int) -> list[Claim]:
+        now = self.clock.now()
+        claims = await self._call(
+            functools.partial(
+                tier.claim,
+                job_type,
+                limit,
+                now=now,
+                owner=self.owner,
+                token=new_id(),
+                until=now + self.claim_seconds,
+            ),
+            tier,
+        )
+        admitted_at = self.clock.now()
+        for claim in claims:
+            job = claim.job
+            if self.core.get(job.id) is not None:
+                # Held here already (queued here while the tier was away, and
+                # pushed by a reconcile elsewhere): keep ours, end the claim.
+                self._settle(tier, job.id, claim.token, None)
+                continue
+            self._tokens[job.id] = (tier, claim.token)
+            self.core.admit(job, now=max(admitted_at, job.scheduled_at))
+        self.claimed += len(claims)
+        if claims:
+            self._due_dirty = True
+        return claims
+
+    async def extend(
+        self, job_id: str, lease_id: str | None, lease_seconds: float | None
+    ) -> Job | Rejected:
+        result = await super().extend(job_id, lease_id, lease_seconds)
+        if isinstance(result, Job):
+            # On record (not waited for): the sweeper must see that this
+            # delivery is alive however long it runs.
+            self.committer.write([result])
+        return result
+
+    def _persist(self, jobs: Sequence[Job]) -> trio.Event:
+        done = super()._persist(jobs)
+        self._return_to_tier(jobs)
+        return done
+
+    def _return_to_tier(self, jobs: Sequence[Job]) -> None:
+        """Jobs whose delivery ended leave this instance: settle their claims."""
+        usable = self.tier_usable
+        for job in jobs:
+            if job.status is Status.RUNNING:
+                continue
+            held = self._tokens.pop(job.id, None)
+            if held is None:
+                # Queued here while no tier was usable: it joins the tier when
+                # one is back (now, or at the reconcile).
+                if usable and job.status in _WAITING:
+                    self.core.evict(job.id)
+                    self._push(job)
+                elif job.status is Status.FAILED:
+                    self.core.evict(job.id)  # dead letters are listed from the store
+                continue
+            self.core.evict(job.id)
+            self._settle(held[0], job.id, held[1], job if job.status in _WAITING else None)
+
+    def _settle(self, tier: Tier, job_id: str, token: str, record: Job | None) -> None:
+        self._settles.setdefault(tier, []).append((job_id, token, record))
+        self._tier_wakeup.set()
+
+    def _push(self, job: Job) -> None:
+        self._pushes.append(job)
+        self._tier_wakeup.set()
+
+    def _return_excess(self) -> None:
+        """Give back claimed jobs no stream here can take (their streams left)."""
+        for job_type in self._ready_types():
+            ready = self.core.ready_jobs(job_type)
+            keep = 0 if self.draining else self.core.dispatcher.credit(job_type)
+            if job_type in self.core.paused:
+                keep = 0
+            for job in ready[keep:]:
+                held = self._tokens.pop(job.id, None)
+                if held is not None:
+                    self.core.evict(job.id)
+                    self._settle(held[0], job.id, held[1], job)
+                elif self.tier_usable:
+                    self.core.evict(job.id)
+                    self._push(job)
+
+    def _ready_types(self) -> list[str]:
+        types = self.core.statistics().types
+        return sorted(t for t, stats in types.items() if sum(stats.queued))
+
+    # -- dead letters and pauses -----------------------------------------------------------
+
+    async def _blocking(self, fn: Callable[[], T]) -> T:
+        try:
+            return await self.committer.run_blocking(fn)
+        except StorageUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def dead_page(
+        self, job_type: str | None, page_token: str, limit: int, max_bytes: int
+    ) -> tuple[list[Job], str]:
+        backend = self.committer.backend
+        jobs, token = await self._blocking(
+            functools.partial(backend.list_dead, job_type, page_token, limit)
+        )
+        size = 0
+        for index, job in enumerate(jobs):
+            size += len(job.payload) + len(job.error_message) + 256
+            if size > max_bytes and index:
+                # Cut the page here; the next one starts after the last job kept.
+                return jobs[:index], dead_page_token(jobs[index - 1])
+        return jobs, token
+
+    async def dead_ids(self, job_ids: Sequence[str], job_type: str, limit: int) -> list[str]:
+        if job_ids:
+            return list(job_ids)[:limit]
+        backend = self.committer.backend
+        kind = None if job_type == "*" else job_type
+        return await self._blocking(functools.partial(backend.dead_ids, kind, limit))
+
+    async def _records(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        backend = self.committer.backend
+        jobs = await self._blocking(functools.partial(backend.load_running, list(job_ids)))
+        return {job.id: job for job in jobs}
+
+    async def requeue(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
+        await self._admission()
+        records = await self._records(job_ids)
+        now = self.clock.now()
+        results: list[Job | Rejected] = []
+        for job_id in job_ids:
+            record = records.get(job_id)
+            if record is None:
+                results.append(
+                    Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
+                )
+                continue
+            result = self.core.decide(record, Requeued(now=now))
+            assert result is not None  # only a purge deletes
+            results.append(result)
+        changed = [r for r in results if isinstance(r, Job)]
+        if changed:
+            await self._committed(super()._persist(changed))
+            self._admit_new(changed)
+            await self._published(changed)
+        return results
+
+    async def purge(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
+        records = await self._records(job_ids)
+        now = self.clock.now()
+        results: list[Job | Rejected] = []
+        for job_id in job_ids:
+            record = records.get(job_id)
+            if record is None:
+                results.append(
+                    Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
+                )
+                continue
+            result = self.core.decide(record, Purged(now=now))
+            results.append(record if result is None else result)
+        deleted = [r.id for r in results if isinstance(r, Job)]
+        if deleted:
+            await self._committed(self.committer.write(deletes=deleted))
+        return results
+
+    async def pause(self, job_type: str) -> None:
+        await super().pause(job_type)
+        await self._tier_paused(job_type, paused=True)
+
+    async def resume(self, job_type: str) -> None:
+        await super().resume(job_type)
+        await self._tier_paused(job_type, paused=False)
+
+    async def _tier_paused(self, job_type: str, *, paused: bool) -> None:
+        # The record store has it (the truth, applied again at every start
+        # and reconcile; the record store's own tier reads it there); the
+        # primary tier stops claims on every instance.
+        try:
+            await self._call(functools.partial(self.tier.set_paused, job_type, paused), self.tier)
+        except TierUnavailable as exc:
+            log.warning("queue tier pause of %r not applied yet: %s", job_type, exc)
+        self._return_excess()
+        self._feed_wakeup.set()
+
+    async def statistics(self) -> QueueStats:
+        local = self.core.statistics()
+        tier = self.active()
+        if tier is None:
+            return local
+        try:
+            counts = await self._call(tier.counts, tier)
+        except TierUnavailable:
+            return local  # this instance's view only, while the tier is away
+        types: dict[str, TypeStats] = {}
+        for name in counts.ready.keys() | local.types.keys():
+            mine = local.types.get(name) or TypeStats()
+            ready = counts.ready.get(name, (0, 0, 0))
+            types[name] = TypeStats(
+                queued=(
+                    ready[0] + mine.queued[0],
+                    ready[1] + mine.queued[1],
+                    ready[2] + mine.queued[2],
+                ),
+                scheduled=mine.scheduled,
+                running=mine.running,
+                dead=mine.dead,
+                paused=mine.paused,
+            )
+        return QueueStats(
+            types=types,
+            queued=sum(sum(t.queued) for t in types.values()),
+            scheduled=counts.scheduled + local.scheduled,
+            running=local.running,
+            dead=local.dead,
+            streams=local.streams,
+        )
+
+    # -- start and stop -------------------------------------------------------------------------
+
+    async def prepare(self) -> str:
+        """Apply the stored pauses (here and in the tier) before anything is delivered."""
+        backend = self.committer.backend
+        paused = await self.committer.run_blocking(backend.load_paused)
+        self.restore_paused(paused)
+        for job_type in paused:
+            try:
+                await self._call(functools.partial(self.tier.set_paused, job_type, True), self.tier)
+            except TierUnavailable:
+                break  # applied again by the reconcile
+        fallback = f", fallback {self.fallback.kind}" if self.fallback else ""
+        return (
+            f"record store {backend.kind}, queue tier {self.tier.kind}{fallback} "
+            f"(instance {self.owner}): {len(paused)} job types paused"
+        )
+
+    async def run_tasks(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.run_timer)
+            nursery.start_soon(self._feed_loop)
+            nursery.start_soon(self._tier_writer)
+            nursery.start_soon(self._renew_loop)
+            nursery.start_soon(self._reap_loop)
+            nursery.start_soon(self._probe_loop)
+            nursery.start_soon(self.tier.wait_ready, self._on_ready)
+            if self.fallback is not None:
+                nursery.start_soon(self.fallback.wait_ready, self._on_ready)
+            # The first reconcile: the tier may be new, or have restarted empty
+            # while the record store holds queued jobs.
+            self._start_reconcile(None)
+            task_status.started()
+
+    def _on_ready(self, job_type: str) -> None:
+        if not job_type:
+            self._due_dirty = True
+            self._feed_wakeup.set()
+        elif self.core.dispatcher.credit(job_type):
+            self._feed_wakeup.set()
+
+    async def drain(self, grace: float) -> None:
+        await super().drain(grace)
+        self._return_excess()  # jobs claimed but never delivered go back
+        with trio.move_on_after(max(self.write_timeout, 1.0)):
+            await self._flush_tier()
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    async def _feed_loop(self) -> None:
+        while True:
+            timeout = self.poll_interval
+            now = self.clock.now()
+            if self._next_due is not None and self._next_due > now:
+                # (A due time already past is a job nobody here wants yet: the
+                # record-store tier keeps reporting it; no busy loop on it.)
+                timeout = min(timeout, self._next_due - now)
+            with trio.move_on_after(timeout):
+                await self._feed_wakeup.wait()
+            self._feed_wakeup = trio.Event()
+            self._return_excess()
+            tier = self.active()
+            if self.draining or tier is None:
+                continue
+            try:
+                await self._feed_once(tier)
+            except TierUnavailable as exc:
+                log.debug("claim failed: %s", exc)
+
+    async def _feed_once(self, tier: Tier) -> None:
+        if self._due_dirty or (self._next_due is not None and self._next_due <= self.clock.now()):
+            self._due_dirty = False
+            self._next_due = await self._call(tier.next_due, tier)
+        for job_type in sorted(self.core.dispatcher.wanted_types()):
+            while (want := self.core.demand(job_type)) > 0 and not self.draining:
+                limit = min(want, self.claim_batch)
+                claims = await self._claim(tier, job_type, limit)
+                self.changed()
+                if len(claims) < limit:
+                    break
+
+    async def _tier_writer(self) -> None:
+        """Apply settles and pushes in batches; one tier operation each."""
+        while True:
+            if not (self._settles or self._pushes):
+                self._tier_wakeup = trio.Event()
+                await self._tier_wakeup.wait()
+            try:
+                await self._flush_tier()
+            except TierUnavailable as exc:
+                self._drop_unreachable(exc)
+                await trio.sleep(0.05)
+
+    def _drop_unreachable(self, exc: Exception) -> None:
+        """Stop retrying settles and pushes for tiers that are not in use now.
+
+        Their claims expire and are reaped from the record store's truth
+        once the tier is back (a tier that restarted empty has none left);
+        jobs to push are queued here, and joined to a tier at the reconcile.
+        """
+        active = self.active()
+        dropped = 0
+        for tier in [t for t in self._settles if t is not active]:
+            dropped += len(self._settles.pop(tier))
+        moved: list[Job] = []
+        if active is None and self._pushes:
+            moved, self._pushes = self._pushes, []
+            now = self.clock.now()
+            for job in moved:
+                if self.core.get(job.id) is None:
+                    self.core.restore(job, now=now)
+            self.changed()
+        if dropped or moved:
+            log.warning(
+                "queue tier unreachable (%s): %d settles left to the reaper, %d jobs queued here",
+                exc,
+                dropped,
+                len(moved),
+            )
+
+    async def _flush_tier(self) -> None:
+        while self._settles or self._pushes:
+            for tier in list(self._settles):
+                pending = self._settles.pop(tier)
+                settles, rest = pending[:1000], pending[1000:]
+                if rest:
+                    self._settles[tier] = rest
+                try:
+                    await self._call(functools.partial(tier.settle, settles), tier)
+                except TierUnavailable:
+                    self._settles.setdefault(tier, [])[:0] = settles
+                    raise
+            if not self._pushes:
+                continue
+            target = self.active()
+            if target is None:
+                raise TierUnavailable("no queue tier is usable")
+            pushes, self._pushes = self._pushes[:1000], self._pushes[1000:]
+            try:
+                await self._call(functools.partial(target.push, pushes), target)
+            except TierUnavailable:
+                self._pushes[:0] = pushes
+                raise
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await trio.sleep(self.claim_seconds / 3)
+            by_tier: dict[Tier, list[tuple[str, str]]] = {}
+            for job_id, (tier, token) in self._tokens.items():
+                by_tier.setdefault(tier, []).append((job_id, token))
+            until = self.clock.now() + self.claim_seconds
+            lost: list[str] = []
+            for tier, items in by_tier.items():
+                try:
+                    for start in range(0, len(items), 1000):
+                        chunk = items[start : start + 1000]
+                        renewed = await self._call(
+                            functools.partial(tier.renew, chunk, until=until), tier
+                        )
+                        lost.extend(
+                            job_id for (job_id, _), ok in zip(chunk, renewed, strict=True) if not ok
+                        )
+                except TierUnavailable as exc:
+                    log.warning("claim renewal (%s) failed: %s", tier.kind, exc)
+            self._lose_claims(lost)
+
+    def _lose_claims(self, job_ids: Sequence[str]) -> None:
+        """Claims that are gone (reaped elsewhere, or the tier lost its data)."""
+        for job_id in job_ids:
+            if self._tokens.pop(job_id, None) is None:
+                continue
+            job = self.core.get(job_id)
+            if job is not None and job.status is not Status.RUNNING:
+                self.core.evict(job_id)  # another instance may deliver it now
+        if job_ids:
+            log.warning(
+                "%d claims of this instance were gone from the tier (reaped after %g s "
+                "without renewal, or the tier lost its data)",
+                len(job_ids),
+                self.claim_seconds,
+            )
+
+    async def _reap_loop(self) -> None:
+        period = min(1.0, self.claim_seconds / 3)
+        next_sweep = self.clock.now() + self.sweep_interval
+        while True:
+            await trio.sleep(period)
+            for tier in (self.tier, self.fallback):
+                if tier is None or (tier is self.tier and tier is not self.active()):
+                    continue
+                try:
+                    await self.reap(tier)
+                except (TierUnavailable, Unavailable) as exc:
+                    log.warning("reaper (%s): %s", tier.kind, exc)
+            if self.clock.now() >= next_sweep:
+                next_sweep = self.clock.now() + self.sweep_interval
+                try:
+                    await self.sweep()
+                except (TierUnavailable, Unavailable) as exc:
+                    log.warning("sweeper: %s", exc)
+
+    async def reap(self, tier: Tier, limit: int = 200) -> int:
+        """Recover jobs whose claims in ``tier`` expired; returns how many."""
+        now = self.clock.now()
+        expired = await self._call(functools.partial(tier.expired, now=now, limit=limit), tier)
+        ours = [
+            (c.job.id, c.token) for c in expired if self._tokens.get(c.job.id) == (tier, c.token)
+        ]
+        if ours:  # a late renewal (a long pause?): still ours
+            until = self.clock.now() + self.claim_seconds
+            await self._call(functools.partial(tier.renew, ours, until=until), tier)
+        mine = {job_id for job_id, _ in ours}
+        others = [c for c in expired if c.job.id not in mine]
+        if not others:
+            return 0
+        records = await self._records([c.job.id for c in others])
+        writes: list[Job] = []
+        settles: list[tuple[str, str, Job | None]] = []
+        for claim in others:
+            recovery = recover_claim(records.get(claim.job.id), now=now, policy=self.core.policy)
+            if recovery.write is not None:
+                writes.append(recovery.write)
+            settles.append((claim.job.id, claim.token, recovery.requeue))
+        if writes:
+            # The record store first: a job goes back to the tier only once
+            # its lost lease is on record.
+            await self._committed(super()._persist(writes))
+        done = await self._call(functools.partial(tier.settle, settles), tier)
+        count = sum(done)
+        self.reaped += count
+        log.warning(
+            "reaped %d expired claims in %s (%d running jobs lost their lease)",
+            count,
+            tier.kind,
+            len(writes),
+        )
+        return count
+
+    async def sweep(self, limit: int = 200) -> int:
+        """Requeue running jobs that nobody manages any more; returns how many.
+
+        A running job whose lease ran out ``claim_seconds`` ago on record
+        (extensions are written through) has no live holder: its instance
+        died while its claim was lost with the tier's data, for example. It
+        lost its lease, as the core decides (:func:`recover_claim`).
+        """
+        backend = self.committer.backend
+        stale = getattr(backend, "stale_running", None)
+        if stale is None:
+            return 0
+        now = self.clock.now()
+        jobs: list[Job] = await self._blocking(
+            functools.partial(stale, now - self.claim_seconds, limit)
+        )
+        writes: list[Job] = []
+        for job in jobs:
+            if self.core.get(job.id) is not None:
+                continue  # ours: the local core's own lease expiry handles it
+            recovery = recover_claim(job, now=now, policy=self.core.policy)
+            if recovery.write is not None:
+                writes.append(recovery.write)
+        if not writes:
+            return 0
+        await self._committed(super()._persist(writes))
+        back = [job for job in writes if job.status in _WAITING]
+        self._admit_new(back)
+        await self._published(back)
+        self.swept += len(writes)
+        log.warning("swept %d running jobs whose holders are gone", len(writes))
+        return len(writes)
+
+    async def _probe_loop(self) -> None:
+        """Probe the tier while it is not healthy, at the health machine's pace."""
+        while True:
+            probe_at = self.tier_health.next_probe_at()
+            self._health_wakeup = trio.Event()
+            if probe_at is None:
+                await self._health_wakeup.wait()
+                continue
+            with trio.move_on_at(self.clock.trio_deadline(probe_at)):
+                await self._health_wakeup.wait()
+                continue
+            try:
+                await self.tier.next_due()
+            except TierUnavailable:
+                self._health(ProbeFailed(now=self.clock.now()))
+            else:
+                self._health(ProbeSucceeded(now=self.clock.now()))
+
+    def _start_reconcile(self, reconcile_id: int | None) -> None:
+        if self._reconcile is not None:
+            self._reconcile[1].cancel()
+            self._reconcile = None
+        if self._nursery is None:
+            return
+        scope = trio.CancelScope()
+        if reconcile_id is not None:
+            self._reconcile = (reconcile_id, scope)
+        self._nursery.start_soon(self._run_reconcile, reconcile_id, scope)
+
+    async def _run_reconcile(self, reconcile_id: int | None, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                pushed = await self.reconcile()
+            except (TierUnavailable, Unavailable) as exc:
+                log.warning("queue tier reconcile failed: %s", exc)
+                return
+            log.info("queue tier reconciled: %d jobs pushed from the record store", pushed)
+            if reconcile_id is not None and self._reconcile and self._reconcile[0] == reconcile_id:
+                self._reconcile = None
+                self._health(ReconcileFinished(now=self.clock.now(), reconcile_id=reconcile_id))
+
+    async def reconcile(self, page: int = 2000) -> int:
+        """Make the primary tier hold every queued and scheduled job again.
+
+        First the pauses; then the jobs queued in this instance's memory while
+        no tier was usable (they leave memory); then every queued or scheduled
+        job of the record store, page by page (pushes skip claimed jobs).
+        """
+        tier = self.tier
+        if tier.holds_records:
+            return 0  # the record store is the tier: nothing to repair
+        for job_type in sorted(self.core.paused):
+            await self._call(functools.partial(tier.set_paused, job_type, True), tier)
+        local = [
+            job
+            for job_type in self._ready_types()
+            for job in self.core.ready_jobs(job_type)
+            if job.id not in self._tokens
+        ]
+        for job in local:
+            self.core.evict(job.id)
+        try:
+            if local:
+                await self._call(functools.partial(tier.push, local), tier)
+        except TierUnavailable:
+            now = self.clock.now()
+            for job in local:
+                self.core.restore(job, now=now)
+            self.changed()
+            raise
+        backend = self.committer.backend
+        pushed = len(local)
+        after = ""
+        while True:
+            jobs, after = await self._blocking(functools.partial(backend.load_queued, after, page))
+            fresh = [job for job in jobs if self.core.get(job.id) is None]
+            if fresh:
+                pushed += await self._call(functools.partial(tier.push, fresh), tier)
+            if not after:
+                break
+        self._due_dirty = True
+        self._feed_wakeup.set()
+        return pushed

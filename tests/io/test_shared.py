@@ -1,0 +1,274 @@
+"""Several instances sharing a queue tier, in one process (fast, deterministic enough).
+
+Each test runs two or three servers (``open_test_server``) on one :class:`MemoryTier`
+and one private PostgreSQL schema: the same code path as ``REDIS_URL`` + ``DATABASE_URL``
+except the tier's transport (``test_tier.py`` proves the Redis tier keeps the same
+contract; ``test_multi_instance.py`` runs real processes on a real Redis).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+import trio
+import trio_asyncio  # type: ignore[import-untyped]
+
+from stackduck_trio import Client, JobInfo, Worker
+from stackduck_trio._postgres import PostgresBackend
+from stackduck_trio._redis import open_redis_tier
+from stackduck_trio._tier import MemoryTier, QueueTier
+from stackduck_trio.testing import open_test_server
+
+from .test_backends import SHARED_DATABASE_URL, admin_connection, private_schema
+from .test_tier import REDIS_URL
+
+HEARTBEAT = 0.2
+
+
+def schema_url(schema: str) -> str:
+    return f"{SHARED_DATABASE_URL}?schema={schema}"
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A private PostgreSQL schema, and the Redis key prefix of the same name."""
+    with private_schema() as name:
+        try:
+            yield name
+        finally:
+            _MEMORY.pop(name, None)
+            client = redis.Redis.from_url(REDIS_URL)
+            with client:
+                keys = list(client.scan_iter(match=f"{name}:*"))
+                if keys:
+                    client.delete(*keys)
+
+
+@pytest.fixture(params=["memory", "redis", "postgres"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The shared tier: MemoryTier (one object shared in-process), Redis, or the
+    record store itself (``STACKDUCK_QUEUE=postgres``: no Redis)."""
+    return str(request.param)
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    schema: str, kind: str, n: int = 2, **overrides: object
+) -> AsyncIterator[list[str]]:
+    """``n`` servers on one tier and one schema; yields their addresses.
+
+    Redis: each server has its own client on the test Redis, under a prefix
+    named after the schema (several clusters of one test share it).
+    """
+    options: dict[str, object] = {
+        "heartbeat_interval": HEARTBEAT,
+        "grace_period": 0.5,
+        "lease_seconds": 3.0,
+        **overrides,
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "redis" and trio_asyncio.current_loop.get() is None:
+            await stack.enter_async_context(trio_asyncio.open_loop())
+        addresses = []
+        for _ in range(n):
+            tier: QueueTier | None = None
+            if kind == "memory":
+                tier = _MEMORY.setdefault(schema, MemoryTier())
+            elif kind == "redis":
+                tier = await stack.enter_async_context(open_redis_tier(REDIS_URL, prefix=schema))
+            else:
+                options["queue"] = "postgres"
+            backend = PostgresBackend(schema_url(schema))
+            port, _config = await stack.enter_async_context(
+                open_test_server(backend=backend, tier=tier, **options)
+            )
+            addresses.append(f"127.0.0.1:{port}")
+        yield addresses
+
+
+_MEMORY: dict[str, MemoryTier] = {}
+
+
+def rows(schema: str) -> dict[str, int]:
+    with admin_connection() as admin:
+        found = admin.execute(
+            f'SELECT status, count(*) FROM "{schema}".jobs GROUP BY status'
+        ).fetchall()
+    return {status: int(n) for status, n in found}
+
+
+async def wait_for(predicate, within: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(within):
+        while not await predicate():  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
+async def test_a_job_enqueued_on_one_instance_runs_on_the_other(schema: str, kind: str) -> None:
+    async with cluster(schema, kind) as (a, b):
+        done = trio.Event()
+        seen: list[JobInfo] = []
+
+        async def handler(job: JobInfo) -> None:
+            seen.append(job)
+            done.set()
+
+        worker = Worker(b, {"mail": handler}, stream_idle_timeout=5 * HEARTBEAT)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            async with Client.connect(a) as client, Client.connect(b) as client_b:
+
+                async def attached() -> bool:
+                    return (await client_b.stats()).workers == 1
+
+                await wait_for(attached)
+                started = trio.current_time()
+                job_id = await client.enqueue("mail", {"to": "x"})
+                with trio.fail_after(5):
+                    await done.wait()
+                latency = trio.current_time() - started
+                print(f"\nenqueue on A -> handler on B: {latency * 1000:.1f} ms")
+
+                async def completed() -> bool:
+                    return (await client.get(job_id)).status == "completed"
+
+                await wait_for(completed)
+            worker.stop()
+        assert [j.id for j in seen] == [job_id]
+
+
+async def test_many_jobs_shared_by_workers_on_both_instances_each_runs_once(
+    schema: str, kind: str
+) -> None:
+    runs: dict[str, list[str]] = {}
+    async with cluster(schema, kind) as addresses:
+        workers = []
+        for index, address in enumerate(addresses):
+
+            async def handler(job: JobInfo, name: str = f"w{index}") -> None:
+                runs.setdefault(job.id, []).append(name)
+                await trio.sleep(0.001)
+
+            workers.append(Worker(address, {"t": handler}, concurrency=4, stream_idle_timeout=1.0))
+        async with trio.open_nursery() as nursery:
+            for worker in workers:
+                await nursery.start(worker.run)
+            ids: list[str] = []
+            for address in addresses:
+                async with Client.connect(address) as client:
+                    for start in range(0, 300, 100):
+                        results = await client.enqueue_many(
+                            [
+                                {"job_type": "t", "payload": {"i": i}}
+                                for i in range(start, start + 100)
+                            ]
+                        )
+                        ids.extend(r.job_id for r in results)
+
+            async def all_done() -> bool:
+                return rows(schema).get("completed", 0) == len(ids)
+
+            await wait_for(all_done, within=30)
+            for worker in workers:
+                worker.stop()
+    assert sorted(runs) == sorted(ids)
+    assert all(len(v) == 1 for v in runs.values())
+    by_worker = {name: sum(1 for v in runs.values() if v[0] == name) for name in ("w0", "w1")}
+    print(f"\nruns per instance: {by_worker}")
+    assert by_worker["w0"] and by_worker["w1"]  # both instances took work
+
+
+async def test_dead_letters_are_listed_requeued_and_purged_from_any_instance(
+    schema: str, kind: str
+) -> None:
+    async with cluster(schema, kind) as (a, b):
+
+        async def boom(job: JobInfo) -> None:
+            raise RuntimeError("boom")
+
+        worker = Worker(a, {"bad": boom}, stream_idle_timeout=1.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            async with Client.connect(a) as client_a, Client.connect(b) as client_b:
+                ids = [await client_a.enqueue("bad", {"i": i}, max_retries=0) for i in range(5)]
+
+                async def all_dead() -> bool:
+                    return (await client_b.stats()).dead == 0 and rows(schema).get("failed") == 5
+
+                await wait_for(all_dead)
+                worker.stop()
+                page = await client_b.list_dead_jobs("bad", limit=3)
+                rest = await client_b.list_dead_jobs(
+                    "bad", limit=3, page_token=page.next_page_token
+                )
+                listed = [j.id for j in page.jobs] + [j.id for j in rest.jobs]
+                assert len(page.jobs) == 3 and not rest.next_page_token
+                assert sorted(listed) == sorted(ids)  # each once, in the order they died
+                requeued = await client_b.requeue_dead(job_ids=ids[:2])
+                assert requeued.count == 2
+                purged = await client_a.purge_dead(job_type="bad")
+                assert purged.count == 3
+                assert rows(schema) == {"queued": 2}
+                assert (await client_a.get(ids[0])).status == "queued"
+
+
+async def test_scheduled_job_enqueued_on_a_is_delivered_on_b_when_due(
+    schema: str, kind: str
+) -> None:
+    async with cluster(schema, kind) as (a, b):
+        started: list[float] = []
+
+        async def handler(job: JobInfo) -> None:
+            started.append(trio.current_time())
+
+        worker = Worker(b, {"later": handler}, stream_idle_timeout=1.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            await trio.sleep(0.2)
+            async with Client.connect(a) as client:
+                import time
+
+                due = time.time() + 0.5
+                enqueued_at = trio.current_time()
+                await client.enqueue("later", {}, scheduled_at=due)
+
+                async def ran() -> bool:
+                    return bool(started)
+
+                await wait_for(ran)
+            worker.stop()
+        late = started[0] - enqueued_at - 0.5
+        print(f"\nscheduled job on B: {late * 1000:+.1f} ms from its due time")
+        assert -0.05 < late < 0.5
+
+
+async def test_a_killed_instance_claims_are_reaped_by_the_survivor(schema: str, kind: str) -> None:
+    async with cluster(schema, kind, n=1, lease_seconds=1.0) as (b,):
+        async with Client.connect(b) as client:
+            ids = [await client.enqueue("t", {"i": i}) for i in range(3)]
+        # Instance A claims them and dies without a word (cancelled, no drain).
+        with trio.CancelScope() as doomed:
+            async with cluster(schema, kind, n=1, lease_seconds=1.0) as (a,):
+                async with Client.connect(a) as client:
+                    held = [await client.dequeue("t") for _ in range(3)]
+                    assert sorted(j.id for j in held if j) == sorted(ids)
+                    doomed.cancel()
+        runs: list[str] = []
+
+        async def handler(job: JobInfo) -> None:
+            runs.append(job.id)
+
+        worker = Worker(b, {"t": handler}, stream_idle_timeout=1.0)
+        async with trio.open_nursery() as nursery:
+            started = trio.current_time()
+            await nursery.start(worker.run)
+
+            async def finished() -> bool:
+                return rows(schema).get("completed", 0) == 3
+
+            await wait_for(finished, within=10)
+            print(f"\nreaped and finished {trio.current_time() - started:.2f} s after the kill")
+            worker.stop()
+        assert sorted(runs) == sorted(ids)
