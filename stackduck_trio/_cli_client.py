@@ -151,6 +151,8 @@ def _stats_text(stats: Stats) -> str:
     lines = [format_table(headers, rows) if rows else "(no job types yet)", ""]
     lines.append(f"workers {stats.workers}   running {stats.running}   dead {stats.dead}")
     lines += [f"{b.name}: {b.kind} ({b.state})" for b in stats.backends]
+    if stats.queue_route:
+        lines.append(f"route: {stats.queue_route} ({stats.route_reason})")
     return "\n".join(lines)
 
 

@@ -554,6 +554,9 @@ class Stats:
         running: Jobs currently leased.
         dead: Jobs in the dead-letter queue.
         backends: Health of each storage backend.
+        queue_route: Where the server enqueues and claims now: ``redis``,
+            ``postgres`` (the record store, e.g. while Redis is down) or ``memory``.
+        route_reason: Why, in words (from the backends' health).
     """
 
     types: tuple[TypeStats, ...]
@@ -561,6 +564,8 @@ class Stats:
     running: int
     dead: int
     backends: tuple[BackendState, ...]
+    queue_route: str = ""
+    route_reason: str = ""
 
     def of(self, job_type: str) -> TypeStats | None:
         """The stats of one job type, or ``None`` if the server does not know it."""
@@ -1669,6 +1674,8 @@ class Client:
             backends=tuple(
                 BackendState(name=b.name, kind=b.kind, state=b.state) for b in response.backends
             ),
+            queue_route=response.queue_route,
+            route_reason=response.route_reason,
         )
 
     async def list_dead_jobs(

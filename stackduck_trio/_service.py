@@ -392,6 +392,8 @@ class StackDuckService:
                 pb.BackendHealth(name=name, kind=kind, state=state)
                 for name, kind, state in self.broker.backends()
             ],
+            queue_route=self.broker.queue_route(),
+            route_reason=self.broker.route().reason,
         )
 
     async def PauseJobType(

@@ -367,18 +367,22 @@ class BackendHealth(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("types", "workers", "running", "dead", "backends")
+    __slots__ = ("types", "workers", "running", "dead", "backends", "queue_route", "route_reason")
     TYPES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     DEAD_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REASON_FIELD_NUMBER: _ClassVar[int]
     types: _containers.RepeatedCompositeFieldContainer[TypeStats]
     workers: int
     running: int
     dead: int
     backends: _containers.RepeatedCompositeFieldContainer[BackendHealth]
-    def __init__(self, types: _Optional[_Iterable[_Union[TypeStats, _Mapping]]] = ..., workers: _Optional[int] = ..., running: _Optional[int] = ..., dead: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ...) -> None: ...
+    queue_route: str
+    route_reason: str
+    def __init__(self, types: _Optional[_Iterable[_Union[TypeStats, _Mapping]]] = ..., workers: _Optional[int] = ..., running: _Optional[int] = ..., dead: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ..., queue_route: _Optional[str] = ..., route_reason: _Optional[str] = ...) -> None: ...
 
 class PauseJobTypeRequest(_message.Message):
     __slots__ = ("job_type",)
