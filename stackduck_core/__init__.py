@@ -58,6 +58,7 @@ from ._job import DEFAULT_DELAY as DEFAULT_DELAY
 from ._job import DEFAULT_MAX_RETRIES as DEFAULT_MAX_RETRIES
 from ._job import DEFAULT_PAYLOAD as DEFAULT_PAYLOAD
 from ._job import DEFAULT_PRIORITY as DEFAULT_PRIORITY
+from ._job import Base as Base
 from ._job import EnqueueRequest as EnqueueRequest
 from ._job import Job as Job
 from ._job import JobSpec as JobSpec

@@ -20,6 +20,7 @@ from typing import Final, final
 import attrs
 
 __all__ = [
+    "Base",
     "DEFAULT_DELAY",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_PAYLOAD",
@@ -154,6 +155,21 @@ class JobSpec:
 
 
 @final
+@attrs.frozen
+class Base:
+    """What the record store must hold for a changed record to be written.
+
+    A record made by a transition carries the status and lease of the record
+    it was made from: the store writes it only over a row that still has them
+    (compare-and-set), so two instances racing on one job -- or a stale copy
+    of a job coming back from a queue tier -- can never both apply an outcome.
+    """
+
+    status: Status
+    lease_id: str | None
+
+
+@final
 @attrs.frozen(kw_only=True)
 class Job:
     """One job, as the record store keeps it.
@@ -169,6 +185,10 @@ class Job:
         version: incremented on every change; drivers use it for conditional
             writes and readers for ordering updates of one job.
         idempotency_key: the producer's key for safe enqueue retries, if any.
+        base: for a record made by a transition, what the record store must
+            hold to write it (:class:`Base`); ``None`` for a new job or a
+            record read from a store. Not part of the record's value: ignored
+            by ``==`` and not stored.
     """
 
     id: str
@@ -193,6 +213,7 @@ class Job:
     worker_id: str | None = None
     version: int = 1
     idempotency_key: str | None = None
+    base: Base | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def retries_left(self) -> bool:

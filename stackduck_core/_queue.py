@@ -31,6 +31,7 @@ import attrs
 
 from ._dispatch import Dispatcher
 from ._job import (
+    Base,
     EnqueueRequest,
     Job,
     JobSpec,
@@ -359,6 +360,7 @@ class QueueCore:
         # lose its lease exactly as if its worker had vanished. (A row without
         # lease data -- written by hand or by an older version -- gets a
         # placeholder lease so that it takes the same path.)
+        stored = Base(job.status, job.lease_id)
         if job.lease_id is None or job.lease_expires_at is None:
             job = attrs.evolve(
                 job,
@@ -368,7 +370,8 @@ class QueueCore:
         self._store(None, job)
         result = self._change(job, WorkerDetached(now=now, lease_id=job.lease_id or ""))
         assert isinstance(result, Job)
-        return result
+        # Written over the row as it is stored (not over the placeholder).
+        return attrs.evolve(result, base=stored)
 
     def admit(self, job: Job, *, now: float) -> Job:
         """Take in a job claimed from a shared queue tier, ready for dispatch.
@@ -414,6 +417,22 @@ class QueueCore:
         job = self._jobs.get(job_id)
         if job is None or job.status is Status.RUNNING:
             return None
+        self._store(job, None)
+        return job
+
+    def abandon(self, job_id: str) -> Job | None:
+        """Forget a job in any status, without a transition.
+
+        For a record the record store refused (the job changed elsewhere: its
+        copy here is stale). A running job's stream gets its credit back and
+        its lease is void here: acks of it find no job. Returns the record
+        forgotten, or ``None`` when the job is not held.
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if job.status is Status.RUNNING and job.lease_id is not None:
+            self.dispatcher.settled(job.id, job.lease_id)
         self._store(job, None)
         return job
 

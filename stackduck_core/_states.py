@@ -60,7 +60,7 @@ from typing import Final, TypeAlias, final
 import attrs
 
 from ._backoff import BACKOFF_CAP, retry_delay
-from ._job import Job, JobSpec, Rejected, RejectReason, Status
+from ._job import Base, Job, JobSpec, Rejected, RejectReason, Status
 
 __all__ = [
     "EVENT_TYPES",
@@ -493,7 +493,11 @@ def apply(job: Job | None, event: Event, policy: LifecyclePolicy | None = None) 
             RejectReason.WRONG_STATE,
             f"{_VERB[type(event)]} is not possible for {subject}",
         )
-    return entry[0](job, event, policy or _DEFAULT_POLICY)
+    result = entry[0](job, event, policy or _DEFAULT_POLICY)
+    if job is not None and isinstance(result, Job):
+        # What the store must still hold to take this record (compare-and-set).
+        result = attrs.evolve(result, base=Base(job.status, job.lease_id))
+    return result
 
 
 _DEFAULT_POLICY: Final = LifecyclePolicy()

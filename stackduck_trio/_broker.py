@@ -56,7 +56,7 @@ from stackduck_core import (
 from stackduck_core._failover import Durability, EnqueueMode, Route, route
 
 from ._clock import Clock
-from ._store import GroupCommitter, StorageUnavailable
+from ._store import GroupCommitter, StorageUnavailable, Written
 
 log = logging.getLogger("stackduck.broker")
 
@@ -96,7 +96,7 @@ class _KeyEntry:
     def __init__(self) -> None:
         self.ready = trio.Event()  # set once ``job`` (and ``written``) are known
         self.job: Job | None = None  # stays None when the store lookup failed
-        self.written: trio.Event | None = None  # the commit of a new job
+        self.written: Written | None = None  # the commit of a new job
 
 
 class AckRequest(NamedTuple):
@@ -162,18 +162,47 @@ class Broker:
 
     # -- plumbing --------------------------------------------------------------
 
-    async def _committed(self, done: trio.Event) -> None:
+    async def _committed(self, written: Written) -> None:
         with trio.move_on_after(self.write_timeout):
-            await done.wait()
+            await written.done.wait()
             return
         raise OutcomeUnknown(
             f"the record store ({self.committer.backend.kind}) did not confirm the write "
             f"within {self.write_timeout:g} s; it stays queued and may still be applied"
         )
 
-    def _persist(self, jobs: Sequence[Job]) -> trio.Event:
+    def _persist(self, jobs: Sequence[Job], *, settle: bool = True) -> Written:
+        """Write changed records; :meth:`_applied` runs once they committed."""
         self._count(jobs)
-        return self.committer.write(jobs)
+        written = self.committer.write(
+            jobs, on_commit=lambda: self._applied(jobs, written, settle=settle)
+        )
+        return written
+
+    def _applied(self, jobs: Sequence[Job], written: Written, *, settle: bool) -> None:
+        """Records committed; those refused are stale copies: forget them here.
+
+        The store writes a record only over the status and lease it was made
+        from (``Job.base``); a refusal means the job changed elsewhere -- on
+        one server, another server writing the same store with its own queue
+        (several servers need a shared queue tier: ``STACKDUCK_QUEUE``).
+        """
+        for job_id in written.refused:
+            if self.core.abandon(job_id) is not None:
+                log.warning(
+                    "job %s changed in the record store behind this server's back; "
+                    "its copy here is dropped",
+                    job_id,
+                )
+
+    async def _refusal(self, job_id: str) -> Rejected:
+        """The answer to an ack whose record the store refused."""
+        stored = await self._stored(job_id)
+        now = "gone" if stored is None else stored.status.value
+        return Rejected(
+            RejectReason.WRONG_STATE,
+            f"job {job_id} changed elsewhere meanwhile (it is {now}): this outcome was not applied",
+        )
 
     def _count(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
@@ -199,7 +228,7 @@ class Broker:
         if not self.draining and self._streams:
             deliveries = self.core.dispatch(now=self.clock.now())
             if deliveries:
-                self.committer.write([d.job for d in deliveries])
+                self._persist([d.job for d in deliveries])
                 broken: set[int] = set()
                 for delivery in deliveries:
                     try:
@@ -278,7 +307,7 @@ class Broker:
                 entry = owned[spec.idempotency_key][1]
                 entry.job = job
                 new_keys.append((spec.idempotency_key, entry))
-        written: trio.Event | None = None
+        written: Written | None = None
         if accepted:
 
             def admit() -> None:
@@ -387,9 +416,11 @@ class Broker:
         """Persist a changed record and answer after commit; explain NOT_FOUND."""
         if isinstance(result, Rejected):
             return await self._explain(job_id, result)
-        done = self._persist([result])
+        written = self._persist([result])
         self.changed()
-        await self._committed(done)
+        await self._committed(written)
+        if result.id in written.refused:
+            return await self._refusal(job_id)
         return result
 
     # -- workers -------------------------------------------------------------------
@@ -459,7 +490,7 @@ class Broker:
             job_type, now=self.clock.now(), worker_id=worker_id, lease_seconds=lease_seconds
         )
         if job is not None:
-            self.committer.write([job])
+            self._persist([job])
             self.changed()
         return job
 
@@ -527,6 +558,9 @@ class Broker:
         out = [await self._explain(ack[0], r) for ack, r in zip(acks, results, strict=True)]
         if done is not None:
             await self._committed(done)
+            for index, (ack, result) in enumerate(zip(acks, out, strict=True)):
+                if isinstance(result, Job) and index not in replays and result.id in done.refused:
+                    out[index] = await self._refusal(ack[0])
         return out
 
     async def extend(
@@ -640,6 +674,10 @@ class Broker:
             ("queue_tier", "memory", "healthy"),
         ]
 
+    def queue_route(self) -> str:
+        """Where this instance enqueues and claims now (for GetStats)."""
+        return "memory"
+
     def route(self) -> Route:
         """The storage path requests take now (decided by the core)."""
         return route(None, self.committer.health.state, self.durability)
@@ -704,7 +742,7 @@ class Broker:
             if restored is not job:
                 requeued.append(restored)
         if requeued:
-            self.committer.write(requeued)
+            self._persist(requeued)
         return len(requeued)
 
     @property

@@ -3,7 +3,9 @@
 :class:`PostgresBackend` implements the :class:`~stackduck_trio._store.Backend`
 protocol with the same semantics as :class:`~stackduck_trio._store.SqliteBackend`:
 one row per job, upserts guarded by ``version`` (a late retry never overwrites
-a newer record), deletes in the same transaction.
+a newer record), records made by a transition written only over the row they
+were made from (compare-and-set on status and lease), deletes in the same
+transaction.
 
 Threads, not asyncio
     psycopg's ``AsyncConnection`` does not run under trio (STACK_NOTES), so
@@ -50,18 +52,30 @@ Schema
     refused, like SQLite's ``user_version``.
 
 Writes
-    The upsert is ``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE
-    jobs.version < EXCLUDED.version``; deletes are one ``DELETE ... WHERE id =
-    ANY(...)``. A lone upsert or a lone delete is one autocommit statement
-    (atomic by itself). Other small batches are one pipelined transaction
-    (``BEGIN``, ``executemany``, ``DELETE``, ``COMMIT`` in one round trip). From
-    ``copy_threshold`` rows on, the rows are ``COPY``-ed (binary) into a
-    per-connection temporary table and merged with one ``INSERT ... SELECT``:
-    about twice the rows/s of ``executemany`` at 1k+ rows. Several versions of
-    one job in a batch are reduced to the newest (one statement cannot touch a
-    row twice), and rows are written in id order so concurrent writers lock in
-    the same order. Because of the version guard a batch retried after an
-    unknown outcome (a connection lost during ``COMMIT``) is harmless.
+    ``commit`` returns the ids of the records it did not write (see
+    ``Backend.commit``). A record without a base is an upsert, ``INSERT ...
+    ON CONFLICT (id) DO UPDATE ... WHERE jobs.version < EXCLUDED.version``. A
+    record with a base is a compare-and-set ``UPDATE`` that never inserts: the
+    row is locked (``SELECT ... FOR UPDATE`` in a CTE), and written if, as
+    locked, it has the base's status and lease (``IS NOT DISTINCT FROM``) and
+    an older version -- so it is compared with what a concurrent writer
+    committed, not with what the statement's snapshot saw. A record is
+    refused when its statement wrote no row (rowcount 0), or when the COPY
+    merge did not return its id. Deletes are one ``DELETE ... WHERE id =
+    ANY(...)``. A lone write or a lone delete is one autocommit statement
+    (atomic by itself). Other small batches are one pipelined transaction,
+    one statement per row (``BEGIN``, ``executemany`` per kind, ``DELETE``,
+    ``COMMIT`` in one round trip). From ``copy_threshold`` rows on, the rows
+    and their bases are ``COPY``-ed (binary) into a per-connection temporary
+    table and merged with one ``UPDATE ... FROM`` (the conditional ones) and
+    one ``INSERT ... SELECT`` (the others). Several versions of one job in a
+    batch are reduced to one (``merge_upserts``; one statement cannot touch a
+    row twice). Rows are locked in id order (code points), so concurrent
+    writers, ``PostgresTier`` included, cannot deadlock: one statement per row
+    follows the sorted rows, and a batch of both kinds first locks all its
+    rows in that order (the COPY merge always does). A batch retried after an
+    unknown outcome (a connection lost during ``COMMIT``) writes nothing
+    twice; the records the first attempt wrote are then reported refused.
 
 Text
     PostgreSQL ``text`` cannot hold NUL. Payloads cannot contain one (they are
@@ -104,6 +118,7 @@ from ._store import (
     _check_limit,
     _plain_text,
     dead_page_token,
+    merge_upserts,
     parse_dead_page_token,
     parse_id_token,
     row_to_job,
@@ -143,7 +158,13 @@ _TYPES: Final = {
 # A column added to the Job record without a migration here must fail loudly.
 if tuple(_TYPES) != _COLUMNS:  # pragma: no cover - guards future edits
     raise RuntimeError("stackduck_trio._postgres is out of date with the record columns")
-_COPY_TYPES: Final = [_TYPES[c] for c in _COLUMNS]
+# A record with its base (NULL, NULL when it has none): the rows of the
+# conditional writes, and of the COPY staging table.
+_CAS_COLUMNS: Final = (*_COLUMNS, "base_status", "base_lease")
+_CAS_TYPES: Final = {**_TYPES, "base_status": "text", "base_lease": "text"}
+_COPY_TYPES: Final = [_CAS_TYPES[c] for c in _CAS_COLUMNS]
+_BASE_STATUS: Final = _CAS_COLUMNS.index("base_status")
+_VERSION: Final = _COLUMNS.index("version")
 _TEXT_INDEXES: Final = tuple(i for i, c in enumerate(_COLUMNS) if _TYPES[c] == "text")
 _STATUS_INDEX: Final = _COLUMNS.index("status")
 _ROW_OF: Final = operator.attrgetter(*_COLUMNS)
@@ -297,7 +318,8 @@ _CONNECT_DEFAULTS: Final = {
 _READ_ONLY: Final = "25006"  # read_only_sql_transaction
 #: Slices of the wait for a pooled connection (see ``PostgresBackend._acquire``).
 _SLICE: Final = 0.25
-_STAGE: Final = "stackduck_stage"  # the per-connection temporary table of COPY
+# The per-connection temporary table of COPY (named anew when its shape changes).
+_STAGE: Final = "stackduck_stage_v2"
 # A schema name we create and quote: keep it a plain identifier.
 _SCHEMA_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
@@ -315,6 +337,23 @@ def _row(job: Job) -> list[Any]:
         if value is not None and "\x00" in value:
             row[i] = _clean(value)
     return row
+
+
+def _cas_row(job: Job) -> list[Any]:
+    """The row of a job followed by its base: status and lease (NULL, NULL without one)."""
+    row = _row(job)
+    base = job.base
+    if base is None:
+        row += (None, None)
+    else:
+        lease = base.lease_id
+        row += (base.status.value, lease if lease is None else _clean(lease))
+    return row
+
+
+def _update_params(row: Sequence[Any]) -> list[Any]:
+    """The parameters of ``_q_update`` for a :func:`_cas_row`: the row, then its version."""
+    return [*row, row[_VERSION]]
 
 
 def _describe(exc: BaseException) -> str:
@@ -592,24 +631,88 @@ class PostgresBackend:
             ),
             jobs=jobs,
         )
+        # Records without a base: insert, or overwrite an older version. One row:
+        # its rowcount (0 or 1) tells whether it was written (cheaper than
+        # RETURNING).
         self._q_upsert = (
             sql.SQL("INSERT INTO {jobs} ({cols}) VALUES ({values})").format(
                 jobs=jobs, cols=cols, values=sql.SQL(", ").join([sql.Placeholder()] * len(_COLUMNS))
             )
             + guarded
         )
+        # Records with a base: compare-and-set on status, lease and version, and
+        # never an insert (a missing row was purged meanwhile). The row is
+        # locked first and compared as locked: its latest version, after any
+        # concurrent writer committed (the UPDATE's own scan would compare
+        # the version its snapshot sees, which may be older). One row: the
+        # parameters are _update_params(_cas_row(job)).
+        self._q_update = sql.SQL(
+            "WITH cur AS (SELECT id, status, lease_id, version FROM {jobs} WHERE id = %s "
+            "FOR UPDATE) UPDATE {jobs} j SET {sets} FROM cur WHERE j.id = cur.id "
+            "AND cur.status = %s AND cur.lease_id IS NOT DISTINCT FROM %s AND cur.version < %s"
+        ).format(
+            jobs=jobs,
+            sets=sql.SQL(", ").join(
+                sql.SQL("{c} = %s").format(c=sql.Identifier(c)) for c in _COLUMNS[1:]
+            ),
+        )
+        # Lock order: rows are locked in id order (code points, as sorted() and
+        # PostgresTier lock them), so concurrent writers cannot deadlock. One
+        # statement per row (small batches) locks in the order of the rows,
+        # but a batch of both kinds runs the rows of each kind in turn: before
+        # them, every existing row of the batch is locked in id order. (The
+        # COPY merge does the same in a CTE: an UPDATE ... FROM locks in
+        # whatever order its join plan yields.)
+        self._q_lock = sql.SQL(
+            "WITH locked AS (SELECT id FROM {jobs} WHERE id = ANY(%s::text[]) "
+            'ORDER BY id COLLATE "C" FOR UPDATE) SELECT count(*) FROM locked'
+        ).format(jobs=jobs)
+        # COPY: the staging table holds both kinds (base_status NULL: no base).
+        # Only the record columns are copied and merged: never the claim_*
+        # columns of PostgresTier.
         stage = sql.Identifier("pg_temp", _STAGE)
         self._q_stage = sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {jobs}) ON COMMIT DELETE ROWS"
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {jobs}, base_status text, "
+            "base_lease text) ON COMMIT DELETE ROWS"
         ).format(stage=sql.Identifier(_STAGE), jobs=jobs)
         self._q_copy = sql.SQL("COPY {stage} ({cols}) FROM STDIN (FORMAT BINARY)").format(
-            stage=stage, cols=cols
+            stage=stage, cols=sql.SQL(", ").join(map(sql.Identifier, _CAS_COLUMNS))
         )
+        # The lock is a CTE of the conditional UPDATE (no extra round trip),
+        # and the rows are compared as locked (see _q_update). It carries the
+        # staged rows, so the UPDATE joins two relations only: with three, the
+        # planner underestimates the join and may rescan a CTE for every row.
+        # Both merges answer one row: how many rows they wrote, and which ones
+        # only if some were refused (parameter: the number of rows merged) --
+        # 10k ids travelling back cost more than the merge's tail.
+        written = sql.SQL(
+            " RETURNING {id}) SELECT count(*), CASE WHEN count(*) < %s THEN array_agg(id) END "
+            "FROM written"
+        )
+        self._q_merge_cas = sql.SQL(
+            "WITH s AS (SELECT {scols}, j.status AS row_status, j.lease_id AS row_lease, "
+            "j.version AS row_version FROM {jobs} j JOIN {stage} s ON j.id = s.id "
+            'ORDER BY j.id COLLATE "C" FOR UPDATE OF j), written AS ('
+            "UPDATE {jobs} j SET {sets} FROM s WHERE j.id = s.id AND s.base_status IS NOT NULL "
+            "AND s.row_status = s.base_status AND s.row_lease IS NOT DISTINCT FROM s.base_lease "
+            "AND s.row_version < s.version"
+        ).format(
+            jobs=jobs,
+            stage=stage,
+            sets=sql.SQL(", ").join(
+                sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in _COLUMNS[1:]
+            ),
+            scols=sql.SQL(", ").join(
+                sql.SQL("s.{}").format(sql.Identifier(c)) for c in _CAS_COLUMNS
+            ),
+        ) + written.format(id=sql.SQL("j.id"))
         self._q_merge = (
-            sql.SQL("INSERT INTO {jobs} ({cols}) SELECT {cols} FROM {stage}").format(
-                jobs=jobs, cols=cols, stage=stage
-            )
+            sql.SQL(
+                "WITH written AS (INSERT INTO {jobs} ({cols}) SELECT {cols} FROM {stage} "
+                "WHERE base_status IS NULL"
+            ).format(jobs=jobs, cols=cols, stage=stage)
             + guarded
+            + written.format(id=sql.SQL("id"))
         )
         self._q_delete = sql.SQL("DELETE FROM {jobs} WHERE id = ANY(%s)").format(jobs=jobs)
         self._q_active = sql.SQL(
@@ -639,8 +742,12 @@ class PostgresBackend:
         )
         self._q_dead_ids = sql.SQL("SELECT id " + dead).format(jobs=jobs, of_type=sql.SQL(""))
         self._q_dead_ids_type = sql.SQL("SELECT id " + dead).format(jobs=jobs, of_type=of_type)
+        # Rows the record-store tier holds (claimed, or settled with a final
+        # write pending) are not waiting for a queue: a reconcile must not
+        # push them into another tier.
         self._q_queued = sql.SQL(
             "SELECT {cols} FROM {jobs} WHERE " + _WAITING_SQL + ' AND id COLLATE "C" > %s '
+            "AND claim_token IS NULL AND claim_owner IS NULL "
             'ORDER BY id COLLATE "C" LIMIT %s'
         ).format(cols=cols, jobs=jobs)
         self._q_load_running = sql.SQL("SELECT {cols} FROM {jobs} WHERE id = ANY(%s)").format(
@@ -897,58 +1004,112 @@ class PostgresBackend:
 
     # -- the Backend protocol ----------------------------------------------------
 
-    def commit(self, batch: Batch) -> None:
-        """Write one batch in one transaction: guarded upserts, then deletes."""
-        latest: dict[str, Job] = {}
-        for job in batch.upserts:
-            # One statement cannot touch a row twice (ON CONFLICT): keep the
-            # newest version of each job, as the version guard would.
-            old = latest.get(job.id)
-            if old is None or job.version >= old.version:
-                latest[job.id] = job
+    def commit(self, batch: Batch) -> frozenset[str]:
+        """Write one batch in one transaction; the ids of the refused upserts.
+
+        See ``Backend.commit``: records without a base are upserted (guarded
+        by version), records with one are compare-and-set updates; deletes
+        follow. Rows are locked in id order (see :meth:`_build_queries`).
+        """
+        # One statement cannot touch a row twice: one record per job.
+        latest = merge_upserts(batch.upserts)
         # A stable order of row locks: concurrent writers cannot deadlock.
-        rows = [_row(latest[key]) for key in sorted(latest)]
+        jobs = [latest[key] for key in sorted(latest)]
         deletes = sorted({_clean(job_id) for job_id in batch.deletes})
-        if not rows and not deletes:
+        if not jobs and not deletes:
             # Nothing to write, but still a round trip (the pool's check), as
             # SQLite's empty transaction is: an empty commit is a health probe.
             with self._connection("probe"):
-                return
+                return frozenset()
         with self._connection("commit") as (conn, guard):
-            if (len(rows), bool(deletes)) in ((1, False), (0, True)):
+            if (len(jobs), bool(deletes)) in ((1, False), (0, True)):
                 # One statement is a transaction of its own (autocommit): the
                 # common group commit of a lone write costs one round trip and
                 # half the client CPU of a pipelined transaction.
-                if rows:
-                    conn.execute(self._q_upsert, rows[0])
-                else:
+                if not jobs:
                     conn.execute(self._q_delete, (deletes,))
-                return
-            if len(rows) < self.copy_threshold:
-                # Pipelined: BEGIN, the upserts, the deletes and COMMIT travel
-                # together, one round trip however far away the server is.
-                with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                    if rows:
-                        cur.executemany(self._q_upsert, rows)
-                    if deletes:
-                        cur.execute(self._q_delete, (deletes,))
-                return
-            if conn not in self._staged:
-                # Outside the transaction: a rollback would undo the CREATE.
-                conn.execute(self._q_stage)
-                self._staged.add(conn)
-            # COPY cannot be pipelined; each statement gets a full window.
-            with conn.transaction(), conn.cursor() as cur:
-                with cur.copy(self._q_copy) as copy:
-                    copy.set_types(_COPY_TYPES)
-                    for row in rows:
-                        copy.write_row(row)
-                self._watchdog.renew(guard)
-                cur.execute(self._q_merge)
-                if deletes:
+                    return frozenset()
+                (job,) = jobs
+                if job.base is None:
+                    cur = conn.execute(self._q_upsert, _row(job))
+                else:
+                    cur = conn.execute(self._q_update, _update_params(_cas_row(job)))
+                return frozenset() if cur.rowcount == 1 else frozenset(latest)
+            if len(jobs) < self.copy_threshold:
+                return self._commit_small(conn, jobs, deletes)
+            return self._commit_copy(conn, guard, jobs, deletes)
+
+    def _commit_small(
+        self, conn: psycopg.Connection[Any], jobs: list[Job], deletes: list[str]
+    ) -> frozenset[str]:
+        """:meth:`commit` of a few rows (in id order): one statement per row, pipelined.
+
+        BEGIN, the statements and COMMIT travel together: one round trip
+        however far away the server is. (A set-based statement over arrays
+        costs more here: its generic plan cannot know how few rows come.)
+        """
+        cas = [job for job in jobs if job.base is not None]
+        plain = [job for job in jobs if job.base is None]
+        cursors: list[tuple[psycopg.Cursor[Any], list[Job]]] = []
+        with conn.pipeline(), conn.transaction():
+            if cas and plain:
+                conn.execute(self._q_lock, ([_clean(job.id) for job in jobs],))
+            if cas:
+                cur = conn.cursor()
+                params = [_update_params(_cas_row(job)) for job in cas]
+                cur.executemany(self._q_update, params, returning=True)
+                cursors.append((cur, cas))
+            if plain:
+                cur = conn.cursor()
+                cur.executemany(self._q_upsert, [_row(job) for job in plain], returning=True)
+                cursors.append((cur, plain))
+            if deletes:
+                conn.execute(self._q_delete, (deletes,))
+        # One result per row, in order: its rowcount is 0 if the row was refused.
+        refused: list[str] = []
+        for cur, kind in cursors:
+            for job in kind:
+                if cur.rowcount != 1:
+                    refused.append(job.id)
+                cur.nextset()
+        return frozenset(refused)
+
+    def _commit_copy(
+        self,
+        conn: psycopg.Connection[Any],
+        guard: _Guard,
+        jobs: list[Job],
+        deletes: list[str],
+    ) -> frozenset[str]:
+        """:meth:`commit` of many rows (in id order): COPY them (binary) into the
+        staging table, then merge."""
+        if conn not in self._staged:
+            # Outside the transaction: a rollback would undo the CREATE.
+            conn.execute(self._q_stage)
+            self._staged.add(conn)
+        refused: set[str] = set()
+        # COPY cannot be pipelined; each statement gets a full window.
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(self._q_copy) as copy:
+                copy.set_types(_COPY_TYPES)
+                for job in jobs:
+                    copy.write_row(_cas_row(job))
+            # The conditional updates first: they lock every row of the batch.
+            cas = [job for job in jobs if job.base is not None]
+            plain = [job for job in jobs if job.base is None]
+            for query, kind in ((self._q_merge_cas, cas), (self._q_merge, plain)):
+                if kind:
                     self._watchdog.renew(guard)
-                    cur.execute(self._q_delete, (deletes,))
-                self._watchdog.renew(guard)  # and COMMIT
+                    count, written = cur.execute(query, (len(kind),)).fetchone() or (0, None)
+                    if count < len(kind):
+                        # The ids as stored (a NUL is U+FFFD), of the rows written.
+                        done = set(written or ())
+                        refused.update(job.id for job in kind if _clean(job.id) not in done)
+            if deletes:
+                self._watchdog.renew(guard)
+                cur.execute(self._q_delete, (deletes,))
+            self._watchdog.renew(guard)  # and COMMIT
+        return frozenset(refused)
 
     def load_active(self) -> list[Job]:
         """The rows the queue must hold after a restart, in queue order."""
@@ -1032,7 +1193,11 @@ class PostgresBackend:
         return [job_id for (job_id,) in rows]
 
     def load_queued(self, after: str, limit: int) -> tuple[list[Job], str]:
-        """Queued and scheduled jobs by id; see ``Backend.load_queued`` (``jobs_queued``)."""
+        """Queued and scheduled jobs by id; see ``Backend.load_queued`` (``jobs_queued``).
+
+        Rows held by the record store as a queue tier (claim columns set: claimed,
+        removed or settled) are left out: they are in no other tier's business.
+        """
         start = parse_id_token(after)
         _check_limit(limit)
         with self._connection("load queued") as (conn, _guard):

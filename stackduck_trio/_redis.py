@@ -118,6 +118,7 @@ def job_to_json(job: Job) -> str:
     surrogate) survives the trip through Redis.
     """
     fields = attrs.asdict(job, recurse=False)
+    del fields["base"]  # how the record was made, not part of it (never stored)
     fields["status"] = job.status.value
     return json.dumps(fields, separators=(",", ":"))
 

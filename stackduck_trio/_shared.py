@@ -53,6 +53,7 @@ import trio
 from stackduck_core import (
     BackendHealth,
     Cancelled,
+    Health,
     HealthChanged,
     Job,
     Purged,
@@ -78,7 +79,7 @@ from stackduck_core._failover import (
 )
 
 from ._broker import Broker, Unavailable, new_id
-from ._store import StorageUnavailable, dead_page_token
+from ._store import StorageUnavailable, Written, dead_page_token
 from ._tier import Claim, TierUnavailable
 from ._tier import QueueTier as Tier
 
@@ -142,6 +143,7 @@ class SharedBroker(Broker):
         self._due_dirty = True
         self._reconcile: tuple[int, trio.CancelScope] | None = None
         self._nursery: trio.Nursery | None = None
+        self.committer.on_health = self._store_health
         #: jobs claimed, claims reaped, orphans swept (for tests and logs)
         self.claimed = 0
         self.reaped = 0
@@ -160,6 +162,10 @@ class SharedBroker(Broker):
         if decision.claim_record_store and self.fallback is not None:
             return self.fallback
         return None
+
+    def queue_route(self) -> str:
+        active = self.active()
+        return "memory" if active is None else active.kind
 
     @property
     def tier_usable(self) -> bool:
@@ -189,6 +195,17 @@ class SharedBroker(Broker):
                 self._due_dirty = True
             elif isinstance(effect, StartReconcile):
                 self._start_reconcile(effect.reconcile_id)
+
+    def _store_health(self, change: HealthChanged) -> None:
+        """The record store is back: reconcile the tier from it.
+
+        Jobs accepted while it was away (durability=buffered) may have been
+        dropped from the tier by instances whose writes of them were refused
+        before their rows existed; the reconcile puts every queued job back.
+        """
+        self._feed_wakeup.set()
+        if change.new is Health.HEALTHY and change.old is not Health.SUSPECT:
+            self._start_reconcile(None)
 
     async def _call(self, fn: Callable[[], Awaitable[T]], tier: Tier) -> T:
         """One tier operation; the primary tier's outcomes feed its health machine.
@@ -221,6 +238,16 @@ class SharedBroker(Broker):
         try:
             await self._call(functools.partial(tier.push, fresh), tier)
         except TierUnavailable as exc:
+            if self.fallback is not None and tier is not self.fallback:
+                # Committed and unclaimed in the record store: claimable there as
+                # soon as the route switches to it, and pushed to the tier by the
+                # reconcile when the tier is back.
+                log.warning(
+                    "queue tier push failed (%s): %d new jobs wait in the record store",
+                    exc,
+                    len(fresh),
+                )
+                return
             log.warning("queue tier push failed (%s): %d new jobs queued here", exc, len(fresh))
             super()._admit_new([job for job in fresh if self.core.get(job.id) is None])
 
@@ -248,7 +275,10 @@ class SharedBroker(Broker):
         if not isinstance(result, Job):
             assert result is not None  # only a purge deletes
             return await self._explain(job_id, result)
-        await self._committed(self._persist([result]))
+        written = self._persist([result], settle=False)
+        await self._committed(written)
+        if result.id in written.refused:
+            return await self._refusal(job_id)
         return result
 
     # -- workers --------------------------------------------------------------------------
@@ -293,7 +323,11 @@ class SharedBroker(Broker):
                 self._settle(tier, job.id, claim.token, None)
                 continue
             self._tokens[job.id] = (tier, claim.token)
-            self.core.admit(job, now=max(admitted_at, job.scheduled_at))
+            held = self.core.admit(job, now=max(admitted_at, job.scheduled_at))
+            if held.version != job.version:
+                # Promoted here (a tier moves due jobs without changing their
+                # record): on record, so the delivery's base matches the row.
+                self._persist([held], settle=False)
         self.claimed += len(claims)
         if claims:
             self._due_dirty = True
@@ -306,32 +340,52 @@ class SharedBroker(Broker):
         if isinstance(result, Job):
             # On record (not waited for): the sweeper must see that this
             # delivery is alive however long it runs.
-            self.committer.write([result])
+            self._persist([result])
         return result
 
-    def _persist(self, jobs: Sequence[Job]) -> trio.Event:
-        done = super()._persist(jobs)
-        self._return_to_tier(jobs)
-        return done
+    def _applied(self, jobs: Sequence[Job], written: Written, *, settle: bool) -> None:
+        """Records committed: jobs whose delivery ended leave this instance.
 
-    def _return_to_tier(self, jobs: Sequence[Job]) -> None:
-        """Jobs whose delivery ended leave this instance: settle their claims."""
+        Their claims are settled only now, once the record store has their
+        new state -- so another instance never claims a job whose new record
+        the store may still refuse. A refused record is a stale copy: the
+        job is forgotten here and its claim dropped (the truth, written
+        elsewhere, decides where it goes).
+        """
+        super()._applied(jobs, written, settle=settle)
         usable = self.tier_usable
         for job in jobs:
-            if job.status is Status.RUNNING:
+            if job.id in written.refused:
+                held = self._tokens.pop(job.id, None)
+                if held is not None:
+                    self._settle(held[0], job.id, held[1], None)
                 continue
+            if not settle:
+                continue
+            current = self.core.get(job.id)
+            if current is None:
+                # Gone from memory: this write is the job's end (completed,
+                # cancelled), or a later one ended it and will settle it.
+                if job.status in _WAITING or job.status is Status.RUNNING:
+                    continue
+                record = job
+            elif current.status is Status.RUNNING:
+                continue  # delivered (here, again) meanwhile: still ours
+            else:
+                record = current
             held = self._tokens.pop(job.id, None)
             if held is None:
                 # Queued here while no tier was usable: it joins the tier when
                 # one is back (now, or at the reconcile).
-                if usable and job.status in _WAITING:
+                if usable and record.status in _WAITING:
                     self.core.evict(job.id)
-                    self._push(job)
-                elif job.status is Status.FAILED:
+                    self._push(record)
+                elif record.status is Status.FAILED:
                     self.core.evict(job.id)  # dead letters are listed from the store
                 continue
             self.core.evict(job.id)
-            self._settle(held[0], job.id, held[1], job if job.status in _WAITING else None)
+            back = record if record.status in _WAITING else None
+            self._settle(held[0], job.id, held[1], back)
 
     def _settle(self, tier: Tier, job_id: str, token: str, record: Job | None) -> None:
         self._settles.setdefault(tier, []).append((job_id, token, record))
@@ -413,7 +467,12 @@ class SharedBroker(Broker):
             results.append(result)
         changed = [r for r in results if isinstance(r, Job)]
         if changed:
-            await self._committed(super()._persist(changed))
+            written = self._persist(changed, settle=False)
+            await self._committed(written)
+            for index, result in enumerate(results):
+                if isinstance(result, Job) and result.id in written.refused:
+                    results[index] = await self._refusal(result.id)
+            changed = [r for r in results if isinstance(r, Job)]
             self._admit_new(changed)
             await self._published(changed)
         return results
@@ -534,6 +593,11 @@ class SharedBroker(Broker):
 
     async def drain(self, grace: float) -> None:
         await super().drain(grace)
+        # The requeued jobs' claims are settled once their records commit:
+        # wait for that (batches commit in order), so they go back now rather
+        # than when their claims expire.
+        with trio.move_on_after(max(self.write_timeout, 1.0)):
+            await self.committer.write([]).done.wait()
         self._return_excess()  # jobs claimed but never delivered go back
         with trio.move_on_after(max(self.write_timeout, 1.0)):
             await self._flush_tier()
@@ -716,9 +780,19 @@ class SharedBroker(Broker):
             settles.append((claim.job.id, claim.token, recovery.requeue))
         if writes:
             # The record store first: a job goes back to the tier only once
-            # its lost lease is on record.
-            await self._committed(super()._persist(writes))
+            # its lost lease is on record. A refused write means the job moved
+            # on meanwhile (its instance was alive after all): decided again,
+            # from the new truth, at the next round.
+            written = self._persist(writes, settle=False)
+            await self._committed(written)
+            settles = [item for item in settles if item[0] not in written.refused]
         done = await self._call(functools.partial(tier.settle, settles), tier)
+        active = self.active()
+        back = [r for (_, _, r), ok in zip(settles, done, strict=True) if ok and r is not None]
+        if back and active is not None and active is not tier:
+            # Claims left in the fallback from an outage: their jobs belong to
+            # the tier in use now.
+            await self._call(functools.partial(active.push, back), active)
         count = sum(done)
         self.reaped += count
         log.warning(
@@ -754,7 +828,9 @@ class SharedBroker(Broker):
                 writes.append(recovery.write)
         if not writes:
             return 0
-        await self._committed(super()._persist(writes))
+        written = self._persist(writes, settle=False)
+        await self._committed(written)
+        writes = [job for job in writes if job.id not in written.refused]
         back = [job for job in writes if job.status in _WAITING]
         self._admit_new(back)
         await self._published(back)

@@ -186,10 +186,57 @@ def parse_id_token(token: str) -> str:
 
 @attrs.frozen
 class Batch:
-    """What one transaction writes: upserts (newest version wins) and deletes."""
+    """What one transaction writes: upserts, then deletes (see :meth:`Backend.commit`).
+
+    Each upsert is written under a rule its ``base`` decides:
+
+    * ``base is None`` (a new job, or a record written unconditionally: a
+      restore, a test): inserted if the row is absent, else written only over
+      an older version (``row.version < job.version``);
+    * ``base`` set (a record made by a transition): compare-and-set, written
+      only over a row that still has the base's status and lease and an older
+      version (``row.status == base.status``, ``row.lease_id IS NOT DISTINCT
+      FROM base.lease_id``, ``row.version < job.version``); never inserted (a
+      missing row was purged meanwhile).
+
+    An upsert not written is *refused*, which is no error. Deletes are
+    unconditional and apply after the upserts. The committer sends at most one
+    record per id; should a batch hold several, the newest version (the later
+    of equal ones) is written with the *first* one's base, as the committer
+    merges a chain of records (:func:`merge_upserts`).
+    """
 
     upserts: Sequence[Job]
     deletes: Sequence[str]
+
+
+def merge_upserts(upserts: Iterable[Job]) -> dict[str, Job]:
+    """One record per id, in first-seen order: the newest version, with the first one's base.
+
+    Of equal versions the later wins. The records of one job in a batch form a
+    chain whose first base says what the store holds (see :class:`Batch`).
+    """
+    latest: dict[str, Job] = {}
+    for job in upserts:
+        old = latest.get(job.id)
+        if old is None:
+            latest[job.id] = job
+        elif job.version >= old.version:
+            latest[job.id] = job if job.base == old.base else attrs.evolve(job, base=old.base)
+    return latest
+
+
+def applies(job: Job, row: Job | None) -> bool:
+    """Whether the store writes ``job`` over its current ``row`` (see :class:`Batch`)."""
+    base = job.base
+    if base is None:
+        return row is None or row.version < job.version
+    return (
+        row is not None
+        and row.status is base.status
+        and row.lease_id == base.lease_id
+        and row.version < job.version
+    )
 
 
 class Backend(Protocol):
@@ -199,7 +246,28 @@ class Backend(Protocol):
 
     def open(self) -> None: ...
     def close(self) -> None: ...
-    def commit(self, batch: Batch) -> None: ...
+    def commit(self, batch: Batch) -> frozenset[str]:
+        """Write ``batch`` in one transaction; return the ids of the refused upserts.
+
+        Each upsert follows its rule (see :class:`Batch`): with ``base is
+        None`` it is inserted, or written over an older version of the row;
+        with a ``base`` it is written only over an existing row that still has
+        ``base.status`` and ``base.lease_id`` (NULL matching NULL) and an
+        older version -- compare-and-set, so two instances racing on one job,
+        or a stale copy of a job coming back from a queue tier, can never both
+        apply an outcome; a missing row is never inserted. An upsert not
+        written is refused: its id is in the result (refusals are no error).
+        Deletes are unconditional and apply after the upserts.
+
+        All or nothing: on an error nothing is written and
+        :class:`StorageUnavailable` is raised. Retrying a batch writes nothing
+        twice, but a batch retried after an unknown outcome (PostgreSQL: the
+        connection lost during ``COMMIT``) that had in fact committed reports
+        its records as refused (a record is not newer than itself). An empty
+        batch still reaches the store (the committer's health probe).
+        """
+        ...
+
     def load_active(self) -> list[Job]: ...
     def get(self, job_id: str) -> Job | None: ...
     def find_key(self, key: str) -> Job | None:
@@ -490,11 +558,38 @@ class SqliteBackend:
         + " WHERE excluded.version > jobs.version"
     )
 
-    def commit(self, batch: Batch) -> None:
+    # A record with a base: compare-and-set (IS: NULL matches NULL); never an insert.
+    _UPDATE_IF: Final = (
+        "UPDATE jobs SET "
+        + ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
+        + " WHERE id = ? AND status = ? AND lease_id IS ? AND version < ?"
+    )
+    _VERSION: Final = _COLUMNS.index("version")
+
+    def commit(self, batch: Batch) -> frozenset[str]:
+        """Write one batch in one transaction; the ids of refused upserts (``Backend.commit``).
+
+        One statement per record, so that its ``rowcount`` tells whether it
+        was written (``executemany`` only sums them); in SQLite that costs no
+        more than ``executemany``.
+        """
         db = self.db
+        refused: list[str] = []
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(self._UPSERT, [job_to_row(job) for job in batch.upserts])
+            execute = db.execute
+            for job in merge_upserts(batch.upserts).values():
+                row = job_to_row(job)
+                base = job.base
+                if base is None:
+                    written = execute(self._UPSERT, row).rowcount
+                else:
+                    written = execute(
+                        self._UPDATE_IF,
+                        (*row[1:], job.id, base.status.value, base.lease_id, row[self._VERSION]),
+                    ).rowcount
+                if written != 1:
+                    refused.append(job.id)
             if batch.deletes:
                 db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in batch.deletes])
             db.execute("COMMIT")
@@ -505,6 +600,7 @@ class SqliteBackend:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             raise StorageUnavailable(f"SQLite commit failed: {exc}") from exc
+        return frozenset(refused)
 
     def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         try:
@@ -662,16 +758,21 @@ class MemoryBackend:
     def close(self) -> None:
         pass
 
-    def commit(self, batch: Batch) -> None:
+    def commit(self, batch: Batch) -> frozenset[str]:
+        """Write one batch; the ids of refused upserts (see ``Backend.commit``)."""
         if self.fail_next:
             self.fail_next -= 1
             raise StorageUnavailable("injected failure")
-        for job in batch.upserts:
-            old = self.rows.get(job.id)
-            if old is None or job.version > old.version:
-                self.rows[job.id] = job
+        refused: list[str] = []
+        for job in merge_upserts(batch.upserts).values():
+            if applies(job, self.rows.get(job.id)):
+                # A stored record has no base (a store never returns one).
+                self.rows[job.id] = job if job.base is None else attrs.evolve(job, base=None)
+            else:
+                refused.append(job.id)
         for job_id in batch.deletes:
             self.rows.pop(job_id, None)
+        return frozenset(refused)
 
     def load_active(self) -> list[Job]:
         return sorted(
@@ -806,8 +907,16 @@ class StoreThread:
             self._thread = None
 
 
-class _Pending:
-    __slots__ = ("deletes", "done", "on_commit", "upserts")
+class Written:
+    """One :meth:`GroupCommitter.write`: set ``done`` once its batch committed.
+
+    Attributes:
+        done: set when the batch holding these records has committed.
+        refused: then, the ids of its records the store did not apply (their
+            base no longer matched: the job changed elsewhere meanwhile).
+    """
+
+    __slots__ = ("deletes", "done", "on_commit", "refused", "upserts")
 
     def __init__(
         self, upserts: Sequence[Job], deletes: Sequence[str], on_commit: Callable[[], None] | None
@@ -816,6 +925,14 @@ class _Pending:
         self.deletes = deletes
         self.on_commit = on_commit
         self.done = trio.Event()
+        self.refused: frozenset[str] = frozenset()
+
+    async def wait(self) -> None:
+        """Until the batch holding these records has committed."""
+        await self.done.wait()
+
+
+_Pending = Written
 
 
 @attrs.frozen(kw_only=True)
@@ -825,6 +942,7 @@ class CommitterStats:
     rows: int
     failures: int
     largest_batch: int
+    refused: int = 0
 
 
 class GroupCommitter:
@@ -865,7 +983,10 @@ class GroupCommitter:
         self._finished = trio.Event()
         self._batches = 0
         self._rows = 0
+        #: called with every HealthChanged of the store (the broker's hook)
+        self.on_health: Callable[[HealthChanged], None] | None = None
         self._failures = 0
+        self._refused = 0
         self._largest = 0
 
     # -- producers -------------------------------------------------------------
@@ -882,20 +1003,21 @@ class GroupCommitter:
         deletes: Iterable[str] = (),
         *,
         on_commit: Callable[[], None] | None = None,
-    ) -> trio.Event:
-        """Queue records for the next batch; return an event set on commit.
+    ) -> Written:
+        """Queue records for the next batch; its ``done`` is set on commit.
 
         Synchronous on purpose: the caller appends in the same step as the
         core decision that produced the records, so writes keep its order.
-        ``on_commit`` runs in the trio thread right after the commit.
+        ``on_commit`` runs in the trio thread right after the commit, when
+        ``refused`` is known.
         """
         if self._closed:
             raise StorageUnavailable("the record store is shut down")
-        item = _Pending(tuple(upserts), tuple(deletes), on_commit)
+        item = Written(tuple(upserts), tuple(deletes), on_commit)
         self._pending.append(item)
         self._pending_rows += len(item.upserts) + len(item.deletes)
         self._wakeup.set()
-        return item.done
+        return item
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run a blocking backend call on the store's thread, one at a time.
@@ -947,7 +1069,7 @@ class GroupCommitter:
                 items = self._pending[: self._max_batch]
             batch = self._merge(items)
             try:
-                await self.run_blocking(functools.partial(self.backend.commit, batch))
+                refused = await self.run_blocking(functools.partial(self.backend.commit, batch))
             except StorageUnavailable as exc:
                 self._failures += 1
                 self._report(failed=True)
@@ -965,7 +1087,12 @@ class GroupCommitter:
             self._largest = max(self._largest, len(items))
             if self._pending_rows < self._max_pending:
                 self._space.set()
+            if refused:
+                self._refused += len(refused)
+                log.info("record store refused %d stale records (changed elsewhere)", len(refused))
             for item in items:
+                if refused:
+                    item.refused = frozenset(j.id for j in item.upserts if j.id in refused)
                 if item.on_commit is not None:
                     try:
                         item.on_commit()
@@ -1000,15 +1127,26 @@ class GroupCommitter:
                     effect.old.value,
                     effect.new.value,
                 )
+                if self.on_health is not None:
+                    self.on_health(effect)
             elif isinstance(effect, StartReconcile):
                 self._reconcile_id = effect.reconcile_id
 
     @staticmethod
     def _merge(items: Sequence[_Pending]) -> Batch:
+        """One record per job: the newest, written over what the first one expected.
+
+        (The records of one job in a batch form a chain: each one's base is the
+        one before, which never reaches the store; only the first base says
+        what the store holds.)
+        """
         latest: dict[str, Job] = {}
         deletes: dict[str, None] = {}
         for item in items:
             for job in item.upserts:
+                first = latest.get(job.id)
+                if first is not None and first.base != job.base:
+                    job = attrs.evolve(job, base=first.base)
                 latest[job.id] = job
                 deletes.pop(job.id, None)
             for job_id in item.deletes:
@@ -1028,4 +1166,5 @@ class GroupCommitter:
             rows=self._rows,
             failures=self._failures,
             largest_batch=self._largest,
+            refused=self._refused,
         )

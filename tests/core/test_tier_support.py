@@ -10,6 +10,7 @@ import pytest
 from stackduck_core import (
     EPOCH,
     MAX_SEQ,
+    Base,
     Job,
     LifecyclePolicy,
     Placement,
@@ -190,3 +191,42 @@ def test_decide_applies_without_holding_and_stamps_seq() -> None:
     running = h2.claim()
     lost = fresh(h2).decide(running, WorkerDetached(now=h2.now, lease_id=running.lease_id or ""))
     assert isinstance(lost, Job) and lost.seq == running.seq
+
+
+def test_abandon_forgets_any_job_and_frees_the_streams_credit() -> None:
+    h = Harness()
+    queued = h.enqueue()
+    h.core.attach(1, worker_id="w", job_types=["t"], prefetch=1)
+    [delivery] = h.core.dispatch(now=h.now)
+    assert h.core.demand("t") == 0  # the stream's only credit is used
+    assert h.core.abandon(delivery.job.id) == delivery.job
+    assert h.core.get(queued.id) is None and h.core.count(Status.RUNNING) == 0
+    assert h.core.demand("t") == 1  # credit back
+    assert h.core.abandon(queued.id) is None
+    other = h.enqueue()
+    assert h.core.abandon(other.id) == other
+    assert h.core.statistics().types == {}
+    refused = h.core.complete(queued.id, lease_id=delivery.job.lease_id, now=h.now)
+    assert isinstance(refused, Rejected)
+
+
+def test_transitions_carry_their_base() -> None:
+    h = Harness()
+    job = h.enqueue()
+    assert job.base is None  # a new job: inserted
+    running = h.claim()
+    assert running.base == Base(Status.QUEUED, None)
+    done = h.core.complete(running.id, lease_id=running.lease_id, now=h.now)
+    assert isinstance(done, Job) and done.base == Base(Status.RUNNING, running.lease_id)
+    assert attrs.evolve(done, base=None) == done  # not part of the value
+
+
+def test_restore_writes_over_the_row_as_stored() -> None:
+    h = Harness()
+    h.enqueue()
+    running = h.claim()
+    bare = attrs.evolve(running, lease_id=None, lease_expires_at=None)  # a hand-written row
+    for row, lease in ((running, running.lease_id), (bare, None)):
+        restored = fresh(h).restore(row, now=h.now)
+        assert restored.status is Status.QUEUED
+        assert restored.base == Base(Status.RUNNING, lease)

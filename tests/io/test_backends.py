@@ -15,6 +15,7 @@ PostgreSQL cases FAIL, never skip: CI must not pass without them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
@@ -22,6 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,15 @@ import pytest
 import trio
 from psycopg import sql
 
-from stackduck_core import Job, Status
+from stackduck_core import Base, Job, Status
 from stackduck_core._failover import BackendHealth, BackendRole
 from stackduck_trio._clock import WallClock
 from stackduck_trio._config import ConfigError
 from stackduck_trio._pgtier import PostgresTier
 from stackduck_trio._postgres import SCHEMA_VERSION, PostgresBackend
+from stackduck_trio._postgres import _cas_row as pg_cas_row
 from stackduck_trio._postgres import _row as pg_row
+from stackduck_trio._postgres import _update_params as pg_update_params
 from stackduck_trio._store import (
     Backend,
     Batch,
@@ -235,33 +239,222 @@ def test_version_guard_keeps_the_newest_record(backend: Backend) -> None:
     v1 = make_job(1)
     v2 = attrs.evolve(v1, status=Status.RUNNING, attempt=1, version=2)
     v3 = attrs.evolve(v2, status=Status.COMPLETED, version=3)
-    backend.commit(Batch([v2], ()))
-    backend.commit(Batch([v1], ()))  # a late retry of an older write
+    assert backend.commit(Batch([v2], ())) == frozenset()
+    assert backend.commit(Batch([v1], ())) == {"job-1"}  # a late retry of an older write
     assert backend.get(v1.id) == v2
     # the same version again, different content: not applied either (strictly newer only)
-    backend.commit(Batch([attrs.evolve(v2, error_message="other")], ()))
+    assert backend.commit(Batch([attrs.evolve(v2, error_message="other")], ())) == {"job-1"}
     assert backend.get(v1.id) == v2
-    backend.commit(Batch([v3], ()))
+    assert backend.commit(Batch([v3], ())) == frozenset()
     assert backend.get(v1.id) == v3
     # several versions of one job in one batch, in any order: the newest wins
     w1 = make_job(2)
     w2 = attrs.evolve(w1, version=2, status=Status.RUNNING)
     w3 = attrs.evolve(w1, version=3, status=Status.CANCELLED)
-    backend.commit(Batch([w2, w3, w1], ()))
+    assert backend.commit(Batch([w2, w3, w1], ())) == frozenset()
     assert backend.get(w1.id) == w3
 
 
 def test_deletes(backend: Backend) -> None:
     jobs = [make_job(n) for n in range(5)]
     backend.commit(Batch(jobs, ()))
-    backend.commit(Batch([], ["job-1", "job-3", "job-missing"]))  # a missing id is no error
+    # a missing id is no error; deletes refuse nothing
+    assert backend.commit(Batch([], ["job-1", "job-3", "job-missing"])) == frozenset()
     assert {j.id for j in backend.load_active()} == {"job-0", "job-2", "job-4"}
     assert backend.get("job-1") is None
     # upserts and deletes in one batch: the delete applies after the upsert
     backend.commit(Batch([attrs.evolve(jobs[0], version=2), make_job(9)], ["job-0", "job-4"]))
     assert {j.id for j in backend.load_active()} == {"job-2", "job-9"}
-    backend.commit(Batch([], []))  # an empty batch is a no-op
+    assert backend.commit(Batch([], [])) == frozenset()  # an empty batch is a no-op
     assert backend.counts() == {"queued": 2}
+
+
+# -- compare-and-set: records with a base -----------------------------------------------------
+
+
+def delivery(n: int, *, lease: str | None = "lease-a", **fields: object) -> Job:
+    """A job on record as delivered (version 2), its lease ``lease``."""
+    values: dict[str, object] = {
+        "status": Status.RUNNING,
+        "attempt": 1,
+        "started_at": NOW,
+        "lease_id": lease,
+        "lease_expires_at": NOW + 30,
+        "worker_id": "worker-1",
+        "version": 2,
+    }
+    values.update(fields)
+    return make_job(n, **values)
+
+
+def finished(row: Job, base: Base | None, **fields: object) -> Job:
+    """The end of a delivery, made from ``row`` (version + 1), carrying ``base``."""
+    values: dict[str, object] = {
+        "status": Status.COMPLETED,
+        "completed_at": NOW + 1,
+        "lease_id": None,
+        "lease_expires_at": None,
+        "version": row.version + 1,
+        "base": base,
+    }
+    values.update(fields)
+    return attrs.evolve(row, **values)
+
+
+def test_conditional_update_applies_over_a_row_with_its_base(backend: Backend) -> None:
+    row = delivery(1)
+    queued = make_job(2)  # no lease: the base's NULL lease matches the row's NULL
+    assert backend.commit(Batch([row, queued], ())) == frozenset()
+    done = finished(row, Base(Status.RUNNING, "lease-a"))
+    claimed = delivery(2, version=2, base=Base(Status.QUEUED, None))
+    assert backend.commit(Batch([done, claimed], ())) == frozenset()
+    assert backend.get("job-1") == done
+    assert backend.get("job-2") == claimed
+    # a store returns records without a base (a record read from a store has none)
+    stored = backend.get("job-1")
+    assert stored is not None and stored.base is None
+    # the version may jump: newer is enough
+    again = attrs.evolve(done, status=Status.QUEUED, version=9, base=Base(Status.COMPLETED, None))
+    assert backend.commit(Batch([again], ())) == frozenset()
+    assert backend.get("job-1") == again
+
+
+@pytest.mark.parametrize(
+    ("stored", "base", "version"),
+    [
+        pytest.param(delivery(1), Base(Status.QUEUED, "lease-a"), 3, id="status-differs"),
+        pytest.param(delivery(1), Base(Status.RUNNING, "lease-b"), 3, id="lease-differs"),
+        pytest.param(delivery(1), Base(Status.RUNNING, None), 3, id="lease-set-base-null"),
+        pytest.param(
+            delivery(1, lease=None), Base(Status.RUNNING, "lease-a"), 3, id="lease-null-base-set"
+        ),
+        pytest.param(delivery(1), Base(Status.RUNNING, "lease-a"), 2, id="same-version"),
+        pytest.param(delivery(1), Base(Status.RUNNING, "lease-a"), 1, id="older-version"),
+        pytest.param(None, Base(Status.RUNNING, "lease-a"), 3, id="row-missing"),
+    ],
+)
+def test_conditional_update_is_refused_unless_status_lease_and_version_fit(
+    backend: Backend, stored: Job | None, base: Base, version: int
+) -> None:
+    other = delivery(2)  # a bystander in the same batches
+    assert backend.commit(Batch([other] if stored is None else [stored, other], ())) == frozenset()
+    record = finished(delivery(1), base, version=version)
+    fine = finished(other, Base(Status.RUNNING, "lease-a"))
+    assert backend.commit(Batch([record, fine], ())) == {"job-1"}
+    assert backend.get("job-1") == stored  # unchanged; a missing row stays missing
+    assert backend.get("job-2") == fine
+    assert backend.commit(Batch([record], ())) == {"job-1"}  # alone as well
+    assert backend.get("job-1") == stored
+    if stored is None:
+        assert backend.counts() == {"completed": 1}
+
+
+def test_unconditional_records_are_upserted_by_version(backend: Backend) -> None:
+    row = delivery(1)
+    assert backend.commit(Batch([row], ())) == frozenset()  # inserted
+    newer = finished(row, None, status=Status.QUEUED)  # whatever the stored status and lease
+    assert backend.commit(Batch([newer], ())) == frozenset()
+    assert backend.get("job-1") == newer
+    assert backend.commit(Batch([row], ())) == {"job-1"}  # older: refused
+    assert backend.commit(Batch([attrs.evolve(newer, payload="{}")], ())) == {"job-1"}
+    assert backend.get("job-1") == newer
+
+
+def test_several_records_of_one_job_in_a_batch_chain_from_the_first_base(
+    backend: Backend,
+) -> None:
+    """The committer merges a job's records; a backend given several does the same: the
+    newest is written over what the first one expected."""
+    for n in (1, 2):
+        assert backend.commit(Batch([make_job(n)], ())) == frozenset()
+    claimed = delivery(1, base=Base(Status.QUEUED, None))
+    done = finished(claimed, Base(Status.RUNNING, "lease-a"))
+    assert backend.commit(Batch([claimed, done], ())) == frozenset()
+    assert backend.get("job-1") == done
+    # the other way round the first base (running) is not what the store holds
+    claimed2 = delivery(2, base=Base(Status.QUEUED, None))
+    done2 = finished(claimed2, Base(Status.RUNNING, "lease-a"))
+    assert backend.commit(Batch([done2, claimed2], ())) == {"job-2"}
+    assert backend.get("job-2") == make_job(2)
+
+
+# One record of each kind the store must tell apart: (kind, whether it is written).
+CASES: tuple[tuple[str, bool], ...] = (
+    ("insert", True),
+    ("cas", True),
+    ("upsert-newer", True),
+    ("cas-null-lease", True),
+    ("upsert-same-version", False),
+    ("cas-status", False),
+    ("upsert-older", False),
+    ("cas-lease", False),
+    ("cas-lease-null", False),
+    ("cas-version", False),
+    ("cas-older", False),
+    ("cas-missing", False),
+)
+
+
+def case(kind: str, i: int) -> tuple[Job | None, Job]:
+    """The stored row (or None) and the record committed over it, for case ``kind``."""
+    row = delivery(i, id=f"{kind}-{i}", lease=f"lease-{i}")
+    base = Base(Status.RUNNING, f"lease-{i}")
+    return {
+        "insert": (None, make_job(i, id=f"{kind}-{i}")),
+        "cas": (row, finished(row, base)),
+        "upsert-newer": (row, finished(row, None, status=Status.QUEUED)),
+        "cas-null-lease": (
+            attrs.evolve(row, status=Status.QUEUED, lease_id=None),
+            finished(row, Base(Status.QUEUED, None)),
+        ),
+        "upsert-same-version": (row, attrs.evolve(row, error_message="late")),
+        "cas-status": (attrs.evolve(row, status=Status.QUEUED), finished(row, base)),
+        "upsert-older": (row, attrs.evolve(row, status=Status.QUEUED, version=1)),
+        "cas-lease": (attrs.evolve(row, lease_id="lease-x"), finished(row, base)),
+        "cas-lease-null": (attrs.evolve(row, lease_id=None), finished(row, base)),
+        "cas-version": (attrs.evolve(row, version=3), finished(row, base)),
+        "cas-older": (attrs.evolve(row, version=7), finished(row, base)),
+        "cas-missing": (None, finished(row, base)),
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        1,  # lone writes (PostgreSQL: one autocommit statement each)
+        3,  # small batches (PostgreSQL: pipelined statements)
+        64,  # PostgreSQL's copy_threshold: COPY and merge
+        300,
+    ],
+)
+def test_mixed_batches_return_exactly_the_refused_ids(backend: Backend, size: int) -> None:
+    """Inserts, upserts and conditional updates of every outcome, with deletes, batched by
+    ``size``: the same results whatever the size (and PostgreSQL's write path)."""
+    count = max(size, len(CASES))
+    count += -count % size  # whole batches
+    cases = [(i, *CASES[i % len(CASES)]) for i in range(count)]
+    pairs = {i: case(kind, i) for i, kind, _ in cases}
+    seeds = [stored for stored, _ in pairs.values() if stored is not None]
+    doomed = [make_job(100_000 + b, id=f"doomed-{b}") for b in range(count // size)]
+    assert backend.commit(Batch([*seeds, *doomed], ())) == frozenset()
+    refused: set[str] = set()
+    for b in range(count // size):
+        batch = cases[b * size : (b + 1) * size]
+        upserts = [pairs[i][1] for i, _, _ in batch]
+        # a lone write stays alone (PostgreSQL's single-statement path); its deletes follow
+        deletes = [] if size == 1 else [f"doomed-{b}", f"never-{b}"]
+        refused |= backend.commit(Batch(upserts, deletes))
+        if size == 1:
+            assert backend.commit(Batch([], [f"doomed-{b}"])) == frozenset()
+    assert refused == {pairs[i][1].id for i, _, written in cases if not written}
+    for i, _, written in cases:
+        stored, record = pairs[i]
+        assert backend.get(record.id) == (record if written else stored), record.id
+    assert all(backend.get(job.id) is None for job in doomed)
+    final = [
+        record if written else pairs[i][0] for i, _, written in cases for record in [pairs[i][1]]
+    ]
+    assert backend.counts() == dict(Counter(job.status.value for job in final if job is not None))
 
 
 def test_load_active_returns_exactly_the_active_rows_in_queue_order(backend: Backend) -> None:
@@ -294,25 +487,49 @@ def test_counts(backend: Backend) -> None:
 
 
 def test_big_batches(backend: Backend) -> None:
-    """10k rows in one commit (PostgreSQL's COPY path), then 10k newer, then 10k older."""
+    """10k rows in one commit (PostgreSQL's COPY path), then 10k newer, then 10k older,
+    then 10k conditional updates (compare-and-set)."""
     n = 10_000
     jobs = [make_job(i, payload=f'{{"i": {i}, "pad": "{"x" * 100}"}}') for i in range(n)]
     t0 = time.perf_counter()
-    backend.commit(Batch(jobs, ()))
+    assert backend.commit(Batch(jobs, ())) == frozenset()
     first = time.perf_counter() - t0
     assert backend.counts() == {"queued": n}
-    running = [attrs.evolve(j, status=Status.RUNNING, attempt=1, version=2) for j in jobs]
+    running = [
+        attrs.evolve(j, status=Status.RUNNING, attempt=1, lease_id=f"lease-{j.seq}", version=2)
+        for j in jobs
+    ]
+    deleted = [f"job-{i}" for i in range(0, n, 10)]
     t0 = time.perf_counter()
-    backend.commit(Batch(running, [f"job-{i}" for i in range(0, n, 10)]))
+    assert backend.commit(Batch(running, deleted)) == frozenset()
     second = time.perf_counter() - t0
     # older versions of rows still there: all ignored (a deleted row has no version left to
     # compare with; the single writer never replays a write after a later delete)
-    backend.commit(Batch([j for j in jobs[: n // 2] if j.seq % 10], ()))
+    older = [j for j in jobs[: n // 2] if j.seq % 10]
+    assert backend.commit(Batch(older, ())) == {j.id for j in older}
     assert backend.counts() == {"running": n - n // 10}
     assert backend.get("job-11") == running[11]
+    # the end of every delivery, conditional on its lease: the deleted rows are refused
+    done = [
+        attrs.evolve(
+            j,
+            status=Status.COMPLETED,
+            lease_id=None,
+            completed_at=NOW + 1,
+            version=3,
+            base=Base(Status.RUNNING, j.lease_id),
+        )
+        for j in running
+    ]
+    t0 = time.perf_counter()
+    assert backend.commit(Batch(done, ())) == set(deleted)
+    third = time.perf_counter() - t0
+    assert backend.counts() == {"completed": n - n // 10}
+    assert backend.get("job-11") == done[11]
     print(
         f"\n{type(backend).__name__}: {n} inserts {n / first:,.0f} rows/s; "
-        f"{n} updates + {n // 10} deletes {n * 1.1 / second:,.0f} rows/s"
+        f"{n} updates + {n // 10} deletes {n * 1.1 / second:,.0f} rows/s; "
+        f"{n} conditional updates {n / third:,.0f} rows/s"
     )
 
 
@@ -1209,10 +1426,20 @@ def test_pg_heartbeat_updates_are_hot(pg_schema: str) -> None:
         beat = attrs.evolve(beat, lease_expires_at=NOW + 90, updated_at=NOW + 60, version=4)
         admin.execute(b._q_upsert, pg_row(beat))
         assert admin.execute(counters, table).fetchone() == (3, 2)
+        # a heartbeat as the core makes it: conditional on the lease (locked, then updated)
+        beat = attrs.evolve(
+            beat,
+            lease_expires_at=NOW + 120,
+            updated_at=NOW + 90,
+            version=5,
+            base=Base(Status.RUNNING, job.lease_id),
+        )
+        assert admin.execute(b._q_update, pg_update_params(pg_cas_row(beat))).rowcount == 1
+        assert admin.execute(counters, table).fetchone() == (4, 3)
         # the counters can tell: the end of the delivery changes indexed columns
-        done = attrs.evolve(beat, status=Status.COMPLETED, completed_at=NOW + 61, version=5)
+        done = attrs.evolve(beat, status=Status.COMPLETED, completed_at=NOW + 61, version=6)
         admin.execute(b._q_upsert, pg_row(done))
-        assert admin.execute(counters, table).fetchone() == (4, 2)
+        assert admin.execute(counters, table).fetchone() == (5, 3)
 
 
 @pytest.mark.parametrize(
@@ -1224,8 +1451,12 @@ def test_pg_heartbeat_updates_are_hot(pg_schema: str) -> None:
         300,
     ],
 )
-def test_pg_record_upserts_leave_the_claim_columns_alone(pg_schema: str, n: int) -> None:
-    """The queue tier's claim columns are not record columns: no record write touches them."""
+@pytest.mark.parametrize("conditional", [False, True], ids=["upsert", "cas"])
+def test_pg_record_upserts_leave_the_claim_columns_alone(
+    pg_schema: str, n: int, conditional: bool
+) -> None:
+    """The queue tier's claim columns are not record columns: no record write touches them
+    (upserts, and conditional updates, which a new row joins as an insert)."""
     b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
     assert b.copy_threshold == 64
     b.open()
@@ -1239,8 +1470,9 @@ def test_pg_record_upserts_leave_the_claim_columns_alone(pg_schema: str, n: int)
                 "WHERE claim_token IS NULL AND claim_owner IS NULL AND claim_until IS NULL"
             ).rowcount
         assert claimed == n  # new rows are unclaimed
+        base = Base(Status.QUEUED, None) if conditional else None
         newer = [
-            attrs.evolve(j, status=Status.RUNNING, attempt=1, started_at=NOW, version=2)
+            attrs.evolve(j, status=Status.RUNNING, attempt=1, started_at=NOW, version=2, base=base)
             for j in jobs
         ]
         new_row = make_job(10_000)
@@ -1248,7 +1480,7 @@ def test_pg_record_upserts_leave_the_claim_columns_alone(pg_schema: str, n: int)
         batch = newer if n in (1, 64) else [*newer, new_row]
         assert (len(batch) >= b.copy_threshold) == (n >= 64)
         b._staged.clear()  # forget the staging table: the COPY path notes it again
-        b.commit(Batch(batch, ()))
+        assert b.commit(Batch(batch, ())) == frozenset()
         assert bool(b._staged) == (n >= 64)  # this commit took the COPY path (or did not)
         for job in batch:
             assert b.get(job.id) == job  # the record columns did change
@@ -1263,6 +1495,116 @@ def test_pg_record_upserts_leave_the_claim_columns_alone(pg_schema: str, n: int)
         if new_row in batch:
             expected.append((new_row.id, None, None, None))  # inserted unclaimed (seq 10000)
         assert rows == expected
+    finally:
+        b.close()
+
+
+def race(calls: dict[str, Callable[[], frozenset[str]]]) -> dict[str, frozenset[str]]:
+    """Run ``calls`` in threads released together; their results (any error fails)."""
+    barrier = threading.Barrier(len(calls))
+    results: dict[str, frozenset[str]] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str, call: Callable[[], frozenset[str]]) -> None:
+        try:
+            barrier.wait(timeout=10)
+            results[name] = call()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors  # no deadlock, no error
+    assert results.keys() == calls.keys()
+    return results
+
+
+@pytest.mark.parametrize("n", [1, 3, 64, 300])
+def test_pg_concurrent_commits_from_one_base_apply_each_row_once(pg_schema: str, n: int) -> None:
+    """Two instances (two backends on one schema) end the same deliveries at once.
+
+    Each row gets a conditional record from one instance and, for half of the rows in a
+    batch of several, an unconditional one of the same version from the other (the kinds
+    swapped between them: without one lock order over both kinds they would deadlock).
+    Exactly one of the two records of every row is written; the other is refused.
+    """
+    a = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    a.open()
+    b.open()
+    try:
+        for attempt in range(6):
+            rows = [delivery(i, id=f"r{attempt}-{i:03d}", lease=f"lease-{i}") for i in range(n)]
+            assert a.commit(Batch(rows, ())) == frozenset()
+
+            def outcome(row: Job, worker: str, cas: bool) -> Job:
+                base = Base(Status.RUNNING, row.lease_id) if cas else None
+                return finished(row, base, worker_id=worker)
+
+            batches = {
+                "a": [outcome(r, "a", n == 1 or i % 2 == 0) for i, r in enumerate(rows)],
+                "b": [outcome(r, "b", n == 1 or i % 2 == 1) for i, r in enumerate(rows)][::-1],
+            }
+            refused = race(
+                {
+                    "a": functools.partial(a.commit, Batch(batches["a"], ())),
+                    "b": functools.partial(b.commit, Batch(batches["b"], ())),
+                }
+            )
+            ids = {r.id for r in rows}
+            assert refused["a"] | refused["b"] == ids
+            assert not refused["a"] & refused["b"]
+            for row in rows:
+                winner = "b" if row.id in refused["a"] else "a"
+                stored = a.get(row.id)
+                assert stored is not None and stored.worker_id == winner
+                assert stored == next(j for j in batches[winner] if j.id == row.id)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("n", [1, 3, 64])
+@pytest.mark.parametrize("into_base", [True, False], ids=["into-base", "away-from-base"])
+def test_pg_conditional_update_compares_what_a_concurrent_writer_commits(
+    pg_schema: str, n: int, into_base: bool
+) -> None:
+    """A conditional update waits for a transaction writing its rows, then compares the rows
+    it committed: the rows as they are when they are locked, not as the statement's
+    snapshot saw them before.
+
+    ``into-base``: the other transaction writes the very state the records were made from
+    (as another instance's commit, in flight, of a record a queue tier handed over
+    already): the records are then written. ``away-from-base``: it moves the rows away from
+    it: refused.
+    """
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema)
+    b.open()
+    try:
+        before = [make_job(i) if into_base else delivery(i) for i in range(n)]
+        assert b.commit(Batch(before, ())) == frozenset()
+        records = [finished(delivery(i), Base(Status.RUNNING, "lease-a")) for i in range(n)]
+        with admin_connection() as admin:
+            admin.execute("BEGIN")
+            admin.execute(
+                f'UPDATE "{pg_schema}".jobs SET status = %s, lease_id = %s, version = 2',
+                ("running", "lease-a") if into_base else ("queued", None),
+            )
+            result: list[frozenset[str]] = []
+            worker = threading.Thread(target=lambda: result.append(b.commit(Batch(records, ()))))
+            worker.start()
+            worker.join(0.5)
+            assert worker.is_alive()  # waiting for the rows' lock
+            admin.execute("COMMIT")
+            worker.join(10)
+        assert result == [frozenset() if into_base else {r.id for r in records}]
+        for record in records:
+            stored = b.get(record.id)
+            assert stored is not None
+            assert stored.status is (Status.COMPLETED if into_base else Status.QUEUED)
     finally:
         b.close()
 

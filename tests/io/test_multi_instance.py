@@ -23,7 +23,9 @@ The record store (the schema, queried directly) is the truth for "completed".
    ``--lease-seconds``, and the dead instance's leases are void there (a late ack is
    refused);
 3. SIGKILL of Redis under load, restarted EMPTY a second later: enqueues stay accepted,
-   health stays SERVING, GetStats shows the outage, every acknowledged job completes;
+   health stays SERVING, GetStats shows the outage, every acknowledged job completes, and
+   a completion is still accepted at most once (jobs delivered twice across the failover
+   -- at-least-once -- are reported, not forbidden);
 4. delayed jobs enqueued on one instance are delivered by the other one on time.
 
 Every wait is bounded. Measured numbers are printed (``pytest -s``).
@@ -299,6 +301,23 @@ class ExecutionReport:
     accepted_twice: list[Execution]  # accepted completions of jobs completed twice
     after_completion: list[Execution]  # deliveries after the job's completion was accepted
     reused_leases: list[str]
+
+    def assert_fenced(
+        self, origin: float = 0.0, label: str = "", notes: dict[str, str] | None = None
+    ) -> None:
+        """Fail on reused leases or a completion accepted twice (duplicates allowed)."""
+        where = f" (times relative to {label})" if label else ""
+        assert not self.reused_leases, (
+            f"lease ids missing or handed out twice: {self.reused_leases[:5]}"
+        )
+        assert not self.accepted_twice, (
+            f"completion accepted more than once for "
+            f"{len({e.job_id for e in self.accepted_twice})} jobs{where}, e.g.\n"
+            + "\n".join(
+                e.describe(origin) + f" [{(notes or {}).get(e.job_id, '')}]"
+                for e in self.accepted_twice[:6]
+            )
+        )
 
     def assert_clean(
         self, origin: float = 0.0, label: str = "", notes: dict[str, str] | None = None
@@ -1005,7 +1024,11 @@ def test_sigkill_of_one_instance_its_jobs_are_finished_by_the_other(
             acked = producers[0].ids + producers[1].ids
             assert len(acked) == len(set(acked))
             done = cluster.wait_completed(
-                acked, within=lease + margin - (time.monotonic() - killed)
+                acked,
+                within=lease + margin - (time.monotonic() - killed),
+                explain=log.explainer(
+                    killed, "the SIGKILL of A", lambda: enqueued_where(producers)
+                ),
             )
         finally:
             for producer in producers:
@@ -1217,7 +1240,16 @@ def test_redis_sigkill_and_empty_restart_under_load_loses_no_job(
         assert any(v[1] is not None for v in visible.values()), (
             "GetStats never showed the queue tier unhealthy while Redis was dead under load"
         )
-        report.assert_clean(
+        # At-least-once across a failover: while an instance still claims from the
+        # record store and another already from the reconciled Redis, a job can be
+        # delivered twice (reported above, as the issue asks). Fencing must hold
+        # regardless: a completion is accepted at most once, the stale copy's
+        # writes are refused by the record store's compare-and-set.
+        print(
+            f"  during the failover: {len(report.overlaps)} jobs held under two leases at "
+            f"once, {len(report.after_completion)} deliveries of already completed jobs"
+        )
+        report.assert_fenced(
             down,
             f"the SIGKILL of Redis, back at {up - down:+.3f} s",
             enqueue_notes(producers, down),

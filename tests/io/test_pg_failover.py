@@ -140,6 +140,17 @@ def test_postgres_restart_under_load_loses_no_acknowledged_job(
         else:
             assert during > 0, "buffered: no enqueue was accepted while PostgreSQL was down"
             assert set(refused) <= {"DEADLINE_EXCEEDED"}, refused
-        report.assert_clean(down, "the PostgreSQL crash", enqueue_notes(producers, down))
+        print(
+            f"  {len(report.overlaps)} jobs held under two leases at once, "
+            f"{len(report.after_completion)} deliveries of already completed jobs"
+        )
+        if durability == "strict":
+            report.assert_clean(down, "the PostgreSQL crash", enqueue_notes(producers, down))
+        else:
+            # Jobs accepted while the store was down reached Redis before their rows
+            # existed: an instance that delivered one saw its writes refused and let go
+            # of it, and it was delivered again later (at-least-once, reported above).
+            # Fencing holds: no completion is accepted twice.
+            report.assert_fenced(down, "the PostgreSQL crash", enqueue_notes(producers, down))
         with stack:
             cluster.finish("A", "B")

@@ -22,6 +22,10 @@ from stackduck_trio._redis import open_redis_tier
 from stackduck_trio._tier import MemoryTier, QueueTier
 from stackduck_trio.testing import open_test_server
 
+from .private_servers import PrivateRedis
+
+# registers the `private_redis` fixture in this module
+from .private_servers import private_redis_fixture as private_redis_fixture
 from .test_backends import SHARED_DATABASE_URL, admin_connection, private_schema
 from .test_tier import REDIS_URL
 
@@ -56,7 +60,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    schema: str, kind: str, n: int = 2, **overrides: object
+    schema: str, kind: str, n: int = 2, redis_url: str = REDIS_URL, **overrides: object
 ) -> AsyncIterator[list[str]]:
     """``n`` servers on one tier and one schema; yields their addresses.
 
@@ -78,7 +82,9 @@ async def cluster(
             if kind == "memory":
                 tier = _MEMORY.setdefault(schema, MemoryTier())
             elif kind == "redis":
-                tier = await stack.enter_async_context(open_redis_tier(REDIS_URL, prefix=schema))
+                tier = await stack.enter_async_context(
+                    open_redis_tier(redis_url, prefix=schema, op_timeout=1.0, must_connect=False)
+                )
             else:
                 options["queue"] = "postgres"
             backend = PostgresBackend(schema_url(schema))
@@ -272,3 +278,63 @@ async def test_a_killed_instance_claims_are_reaped_by_the_survivor(schema: str, 
             print(f"\nreaped and finished {trio.current_time() - started:.2f} s after the kill")
             worker.stop()
         assert sorted(runs) == sorted(ids)
+
+
+async def test_redis_down_jobs_queued_on_a_reach_a_worker_on_b_through_postgres(
+    schema: str, private_redis: PrivateRedis
+) -> None:
+    """Redis dies: B's worker still gets A's new jobs (claimed from the record store);
+    Redis restarts empty: it is reconciled and used again."""
+    runs: list[str] = []
+    ran = trio.Event()
+
+    async def handler(job: JobInfo) -> None:
+        runs.append(job.id)
+        ran.set()
+
+    async with cluster(schema, "redis", redis_url=private_redis.url) as (a, b):
+        worker = Worker(b, {"t": handler}, stream_idle_timeout=1.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            async with Client.connect(a) as client_a, Client.connect(b) as client_b:
+
+                async def routes() -> set[str]:
+                    return {(await c.stats()).queue_route for c in (client_a, client_b)}
+
+                async def on_redis() -> bool:
+                    return await routes() == {"redis"}
+
+                await wait_for(on_redis)
+                first = await client_a.enqueue("t", {"n": 1})
+                with trio.fail_after(5):
+                    await ran.wait()
+                private_redis.kill()
+                killed = trio.current_time()
+                # Enqueues keep being accepted (committed to PostgreSQL)...
+                during = [await client_a.enqueue("t", {"n": i}) for i in range(2, 12)]
+
+                async def all_ran() -> bool:
+                    return set(during) <= set(runs)
+
+                # ...and reach B's worker while Redis is still dead.
+                await wait_for(all_ran, within=20)
+                took = trio.current_time() - killed
+                stats = await client_b.stats()
+                assert stats.queue_route == "postgres", stats
+                assert "claimed from the record store" in stats.route_reason
+                private_redis.restart()
+                back = trio.current_time()
+                await wait_for(on_redis, within=20)
+                healthy = trio.current_time() - back
+                after = [await client_a.enqueue("t", {"n": i}) for i in range(12, 20)]
+
+                async def rest_ran() -> bool:
+                    return set(after) <= set(runs)
+
+                await wait_for(rest_ran, within=10)
+                print(
+                    f"\nRedis killed: 10 new jobs enqueued on A ran on B within {took:.2f} s "
+                    f"(through PostgreSQL); Redis back, used again after {healthy:.2f} s"
+                )
+            worker.stop()
+    assert sorted(runs) == sorted([first, *during, *after])  # each ran once

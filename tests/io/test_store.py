@@ -121,7 +121,7 @@ async def test_committer_recovers_through_the_health_machine(
     seen: list[Health] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(committer.run)
-        done = committer.write([make_job(1)])
+        done = committer.write([make_job(1)]).done
         while not done.is_set():
             seen.append(health.state)
             await trio.sleep(0.1)
