@@ -450,19 +450,26 @@ class SharedBroker(Broker):
         jobs = await self._blocking(functools.partial(backend.load_running, list(job_ids)))
         return {job.id: job for job in jobs}
 
-    async def requeue(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
-        await self._admission()
+    async def _decide_stored(
+        self, job_ids: Sequence[str], event: Requeued | Purged
+    ) -> list[tuple[Job | None, Job | Rejected | None]]:
+        """``(stored record, the core's decision on it)`` per id; NOT_FOUND if none."""
         records = await self._records(job_ids)
-        now = self.clock.now()
-        results: list[Job | Rejected] = []
+        out: list[tuple[Job | None, Job | Rejected | None]] = []
         for job_id in job_ids:
             record = records.get(job_id)
             if record is None:
-                results.append(
-                    Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
-                )
-                continue
-            result = self.core.decide(record, Requeued(now=now))
+                missing = Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
+                out.append((None, missing))
+            else:
+                out.append((record, self.core.decide(record, event)))
+        return out
+
+    async def requeue(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
+        await self._admission()
+        decided = await self._decide_stored(job_ids, Requeued(now=self.clock.now()))
+        results: list[Job | Rejected] = []
+        for _record, result in decided:
             assert result is not None  # only a purge deletes
             results.append(result)
         changed = [r for r in results if isinstance(r, Job)]
@@ -478,22 +485,15 @@ class SharedBroker(Broker):
         return results
 
     async def purge(self, job_ids: Sequence[str]) -> list[Job | Rejected]:
-        records = await self._records(job_ids)
-        now = self.clock.now()
-        results: list[Job | Rejected] = []
-        for job_id in job_ids:
-            record = records.get(job_id)
-            if record is None:
-                results.append(
-                    Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
-                )
-                continue
-            result = self.core.decide(record, Purged(now=now))
-            results.append(record if result is None else result)
-        deleted = [r.id for r in results if isinstance(r, Job)]
+        decided = await self._decide_stored(job_ids, Purged(now=self.clock.now()))
+        # A purge deletes (None); the answer names the job as it was.
+        results = [result if result is not None else record for record, result in decided]
+        assert all(r is not None for r in results)
+        out: list[Job | Rejected] = [r for r in results if r is not None]
+        deleted = [r.id for r in out if isinstance(r, Job)]
         if deleted:
             await self._committed(self.committer.write(deletes=deleted))
-        return results
+        return out
 
     async def pause(self, job_type: str) -> None:
         await super().pause(job_type)

@@ -37,30 +37,10 @@ from stackduck_trio._postgres import PostgresBackend
 from stackduck_trio._redis import RedisTier, job_from_json, job_to_json, open_redis_tier
 from stackduck_trio._tier import Claim, MemoryTier, QueueTier, TierCounts, TierUnavailable
 
-from .test_backends import SHARED_DATABASE_URL, private_schema
+from .test_backends import NOW, SHARED_DATABASE_URL, make_job, private_schema
 
 REDIS_URL = os.environ.get("STACKDUCK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-NOW = 1_800_000_000.0
 LATER = NOW + 30.0
-
-
-def make_job(n: int, **fields: Any) -> Job:
-    """A queued job ``job-<n>`` of type ``t`` with ``seq = n`` (FIFO by ``n``)."""
-    base: dict[str, Any] = {
-        "id": f"job-{n}",
-        "job_type": "t",
-        "payload": f'{{"n": {n}}}',
-        "status": Status.QUEUED,
-        "priority": 2,
-        "max_retries": 2,
-        "delay": 30,
-        "scheduled_at": NOW,
-        "created_at": NOW,
-        "updated_at": NOW,
-        "seq": n,
-    }
-    base.update(fields)
-    return Job(**base)
 
 
 def scheduled_job(n: int, due: float, **fields: Any) -> Job:
