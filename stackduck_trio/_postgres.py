@@ -724,6 +724,14 @@ class PostgresBackend:
         self._q_find_key = sql.SQL(
             "SELECT {cols} FROM {jobs} WHERE idempotency_key = %s ORDER BY created_at, id LIMIT 1"
         ).format(cols=cols, jobs=jobs)
+        # Two partial indexes answer these (jobs_due/jobs_dead_type): cheap
+        # however many completed rows there are.
+        self._q_waiting_counts = sql.SQL(
+            "SELECT job_type, 'scheduled', count(*) FROM {jobs} "
+            "WHERE status = 'scheduled' AND claim_token IS NULL GROUP BY job_type "
+            "UNION ALL SELECT job_type, 'failed', count(*) FROM {jobs} "
+            "WHERE status = 'failed' GROUP BY job_type"
+        ).format(jobs=jobs)
         self._q_counts = sql.SQL("SELECT status, count(*) FROM {jobs} GROUP BY status").format(
             jobs=jobs
         )
@@ -1144,6 +1152,24 @@ class PostgresBackend:
         with self._connection("count") as (conn, _guard):
             rows: Sequence[tuple[str, int]] = conn.execute(self._q_counts).fetchall()
         return {status: int(n) for status, n in rows}
+
+    def waiting_counts(self) -> dict[str, tuple[int, int]]:
+        """Per job type ``(scheduled, dead)``; see ``Backend.waiting_counts``.
+
+        Scheduled rows claimed by the record-store tier (being delivered) are
+        not counted as scheduled.
+        """
+        with self._connection("count") as (conn, _guard):
+            rows: Sequence[tuple[str, str, int]] = conn.execute(self._q_waiting_counts).fetchall()
+        out: dict[str, tuple[int, int]] = {}
+        for job_type, status, n in rows:
+            scheduled, dead = out.get(job_type, (0, 0))
+            if status == "scheduled":
+                scheduled += int(n)
+            else:
+                dead += int(n)
+            out[job_type] = (scheduled, dead)
+        return out
 
     def set_paused(self, job_type: str, paused: bool) -> None:
         """Record a pause (or its end) of ``job_type``: one autocommit statement."""

@@ -515,35 +515,40 @@ class SharedBroker(Broker):
         self._feed_wakeup.set()
 
     async def statistics(self) -> QueueStats:
+        """Queued: the cluster's (from the tier); scheduled and dead: the
+        record store's; running and streams: this instance's."""
         local = self.core.statistics()
+        backend = self.committer.backend
+        stored = await self._blocking(backend.waiting_counts)
         tier = self.active()
-        if tier is None:
-            return local
-        try:
-            counts = await self._call(tier.counts, tier)
-        except TierUnavailable:
-            return local  # this instance's view only, while the tier is away
+        ready: dict[str, tuple[int, int, int]] = {}
+        if tier is not None:
+            try:
+                ready = (await self._call(tier.counts, tier)).ready
+            except TierUnavailable:
+                pass  # only what this instance holds, while the tier is away
         types: dict[str, TypeStats] = {}
-        for name in counts.ready.keys() | local.types.keys():
+        for name in ready.keys() | local.types.keys() | stored.keys():
             mine = local.types.get(name) or TypeStats()
-            ready = counts.ready.get(name, (0, 0, 0))
+            shared = ready.get(name, (0, 0, 0))
+            scheduled, dead = stored.get(name, (0, 0))
             types[name] = TypeStats(
                 queued=(
-                    ready[0] + mine.queued[0],
-                    ready[1] + mine.queued[1],
-                    ready[2] + mine.queued[2],
+                    shared[0] + mine.queued[0],
+                    shared[1] + mine.queued[1],
+                    shared[2] + mine.queued[2],
                 ),
-                scheduled=mine.scheduled,
+                scheduled=scheduled,
                 running=mine.running,
-                dead=mine.dead,
+                dead=dead,
                 paused=mine.paused,
             )
         return QueueStats(
             types=types,
             queued=sum(sum(t.queued) for t in types.values()),
-            scheduled=counts.scheduled + local.scheduled,
+            scheduled=sum(t.scheduled for t in types.values()),
             running=local.running,
-            dead=local.dead,
+            dead=sum(t.dead for t in types.values()),
             streams=local.streams,
         )
 

@@ -275,6 +275,11 @@ class Backend(Protocol):
         ...
 
     def counts(self) -> dict[str, int]: ...
+    def waiting_counts(self) -> dict[str, tuple[int, int]]:
+        """Per job type, ``(scheduled, dead)`` rows: what a cluster's stats
+        cannot get from the queue tier (cheap: only those rows are counted)."""
+        ...
+
     def set_paused(self, job_type: str, paused: bool) -> None:
         """Record that ``job_type`` is (or is no longer) paused; idempotent."""
         ...
@@ -633,6 +638,22 @@ class SqliteBackend:
             for status, n in self._read("SELECT status, count(*) FROM jobs GROUP BY status")
         }
 
+    def waiting_counts(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        rows = self._read(
+            "SELECT job_type, status, count(*) FROM jobs "
+            "WHERE status IN ('scheduled', 'failed') GROUP BY job_type, status"
+        )
+        for job_type, status, n in rows:
+            scheduled, dead = out.get(str(job_type), (0, 0))
+            count = int(n)  # type: ignore[call-overload]
+            if status == "scheduled":
+                scheduled += count
+            else:
+                dead += count
+            out[str(job_type)] = (scheduled, dead)
+        return out
+
     def set_paused(self, job_type: str, paused: bool) -> None:
         db = self.db
         try:
@@ -791,6 +812,18 @@ class MemoryBackend:
         out: dict[str, int] = {}
         for job in self.rows.values():
             out[job.status.value] = out.get(job.status.value, 0) + 1
+        return out
+
+    def waiting_counts(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for job in self.rows.values():
+            if job.status in (Status.SCHEDULED, Status.FAILED):
+                scheduled, dead = out.get(job.job_type, (0, 0))
+                if job.status is Status.SCHEDULED:
+                    scheduled += 1
+                else:
+                    dead += 1
+                out[job.job_type] = (scheduled, dead)
         return out
 
     def set_paused(self, job_type: str, paused: bool) -> None:

@@ -1907,3 +1907,20 @@ def test_pg_interrupt_cancels_a_blocked_call(pg_schema: str) -> None:
         assert b.counts() == {}
     finally:
         b.close()
+
+
+def test_waiting_counts_per_type(backend: Backend) -> None:
+    backend.commit(
+        Batch(
+            [
+                make_job(1, status=Status.SCHEDULED, scheduled_at=NOW + 60),
+                make_job(2, status=Status.SCHEDULED, scheduled_at=NOW + 60, job_type="u"),
+                make_job(3, status=Status.FAILED, completed_at=NOW),
+                make_job(4, status=Status.FAILED, completed_at=NOW),
+                make_job(5),
+                make_job(6, status=Status.COMPLETED, completed_at=NOW),
+            ],
+            (),
+        )
+    )
+    assert backend.waiting_counts() == {"t": (1, 2), "u": (1, 0)}
