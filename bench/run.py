@@ -38,10 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=("sqlite", "memory", "postgres"),
+        choices=("sqlite", "memory", "postgres", "redis"),
         default="sqlite",
         help="record store: sqlite (embedded default, fresh data dir), memory "
-        "(--data-dir :memory:), postgres (DATABASE_URL from the environment)",
+        "(--data-dir :memory:), postgres (DATABASE_URL from the environment), "
+        "redis (DATABASE_URL + REDIS_URL: the production cluster setup)",
     )
     parser.add_argument(
         "--scenario",

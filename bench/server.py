@@ -220,7 +220,10 @@ class BenchServer:
     Args:
         backend: ``sqlite`` (a fresh data directory), ``memory`` (``--data-dir :memory:``)
             or ``postgres`` (``DATABASE_URL`` from the environment, with ``?schema=`` set
-            to a fresh schema of this server's own, dropped by :meth:`cleanup`).
+            to a fresh schema of this server's own, dropped by :meth:`cleanup`), or
+            ``redis``: the production setup, that PostgreSQL schema plus ``REDIS_URL``
+            from the environment under a key prefix of the server's own (deleted by
+            :meth:`cleanup`).
         workdir: where the data directory, ready file and log live.
         extra_args: more ``serve`` flags (``--server-arg``).
     """
@@ -248,8 +251,15 @@ class BenchServer:
 
     def cleanup(self) -> None:
         """Drop the PostgreSQL schema of this server (after :meth:`stop`)."""
-        if self.backend != "postgres" or not self._schema_used:
+        if self.backend not in ("postgres", "redis") or not self._schema_used:
             return
+        if self.backend == "redis":
+            import redis
+
+            with redis.Redis.from_url(os.environ["REDIS_URL"]) as client:
+                keys = list(client.scan_iter(match=f"{self.schema}:*"))
+                if keys:
+                    client.delete(*keys)
         import psycopg
 
         with psycopg.connect(
@@ -273,9 +283,15 @@ class BenchServer:
         ready = self.workdir / "ready.port"
         ready.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
-        if self.backend == "postgres":
+        if self.backend in ("postgres", "redis"):
             env["DATABASE_URL"] = self._database_url()
             self._schema_used = True
+        if self.backend == "redis":
+            url = os.environ.get("REDIS_URL")
+            if not url:
+                raise BenchError("--backend redis needs REDIS_URL (and DATABASE_URL)")
+            env["REDIS_URL"] = url
+            env["STACKDUCK_REDIS_PREFIX"] = self.schema
         data_dir = ":memory:" if self.backend == "memory" else str(self.data_dir)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
         t0 = time.monotonic()

@@ -371,6 +371,8 @@ class SharedBroker(Broker):
                 record = job
             elif current.status is Status.RUNNING:
                 continue  # delivered (here, again) meanwhile: still ours
+            elif current.version != job.version:
+                continue  # changed again meanwhile: that write settles it once committed
             else:
                 record = current
             held = self._tokens.pop(job.id, None)
@@ -637,7 +639,10 @@ class SharedBroker(Broker):
             while (want := self.core.demand(job_type)) > 0 and not self.draining:
                 limit = min(want, self.claim_batch)
                 claims = await self._claim(tier, job_type, limit)
-                self.changed()
+                if claims:
+                    # Deliver them; not self.changed(), which would wake this
+                    # loop again for nothing (it goes on while demand remains).
+                    Broker.changed(self)
                 if len(claims) < limit:
                     break
 

@@ -340,3 +340,30 @@ async def test_redis_down_jobs_queued_on_a_reach_a_worker_on_b_through_postgres(
                 )
             worker.stop()
     assert sorted(runs) == sorted([first, *during, *after])  # each ran once
+
+
+async def test_failing_handlers_retry_and_no_ack_is_refused(schema: str, kind: str) -> None:
+    """A job that fails at once is retried (delay 0) through the tier and completes,
+    and the record store accepts every ack (no nack is refused as stale)."""
+    attempts: dict[str, int] = {}
+
+    async def flaky(job: JobInfo) -> None:
+        attempts[job.id] = attempts.get(job.id, 0) + 1
+        if attempts[job.id] == 1:
+            raise RuntimeError("first attempt fails")
+
+    async with cluster(schema, kind) as (a, b):
+        worker = Worker(b, {"flaky": flaky}, concurrency=4, stream_idle_timeout=1.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            async with Client.connect(a) as client:
+                ids = [await client.enqueue("flaky", {"i": i}, delay=0) for i in range(40)]
+
+                async def all_done() -> bool:
+                    return rows(schema).get("completed", 0) == len(ids)
+
+                await wait_for(all_done, within=20)
+            stats = worker.statistics()
+            worker.stop()
+    assert stats.acks_rejected == 0, stats
+    assert sorted(attempts) == sorted(ids) and set(attempts.values()) == {2}
