@@ -772,6 +772,7 @@ class MemoryBackend:
         self.rows: dict[str, Job] = {}
         self.paused: set[str] = set()
         self.fail_next = 0  # tests: number of commits to fail
+        self.lose_next = 0  # tests: commits that apply, then fail (a lost COMMIT answer)
 
     def open(self) -> None:
         pass
@@ -784,6 +785,10 @@ class MemoryBackend:
         if self.fail_next:
             self.fail_next -= 1
             raise StorageUnavailable("injected failure")
+        if self.lose_next:
+            self.lose_next -= 1
+            self.commit(batch)
+            raise StorageUnavailable("injected failure after the commit")
         refused: list[str] = []
         for job in merge_upserts(batch.upserts).values():
             if applies(job, self.rows.get(job.id)):
@@ -1081,9 +1086,16 @@ class GroupCommitter:
             self._finished.set()
 
     async def _commit_loop(self) -> None:
+        # After a failed attempt the same writes are retried as they were (no
+        # new ones merged in): that attempt may have committed after all (its
+        # COMMIT's answer lost), and then its rows are checked against the
+        # store rather than reported refused.
+        retry = 0
         while True:
             items: list[_Pending] = []
-            if not self._pending:
+            if retry:
+                items = self._pending[:retry]
+            elif not self._pending:
                 if self._closed:
                     return
                 self._wakeup = trio.Event()
@@ -1104,6 +1116,7 @@ class GroupCommitter:
             try:
                 refused = await self.run_blocking(functools.partial(self.backend.commit, batch))
             except StorageUnavailable as exc:
+                retry = len(items)
                 self._failures += 1
                 self._report(failed=True)
                 log.warning("record store write failed (%s); retrying %d writes", exc, len(items))
@@ -1113,6 +1126,9 @@ class GroupCommitter:
                 await trio.sleep_until(self._deadline(retry_at))
                 continue
             self._report(failed=False)
+            if retry and refused:
+                refused = await self._confirm(batch, refused)
+            retry = 0
             del self._pending[: len(items)]
             self._pending_rows -= sum(len(i.upserts) + len(i.deletes) for i in items)
             self._batches += bool(items)
@@ -1139,6 +1155,18 @@ class GroupCommitter:
                 # queued up while it was away: that backlog has now committed.
                 reconcile_id, self._reconcile_id = self._reconcile_id, None
                 self._apply_health(ReconcileFinished(now=self._now(), reconcile_id=reconcile_id))
+
+    async def _confirm(self, batch: Batch, refused: frozenset[str]) -> frozenset[str]:
+        """Of a retried batch's refused rows, those the store already holds as
+        written (the failed attempt had committed) were applied after all."""
+        ids = sorted(refused)
+        try:
+            stored = await self.run_blocking(functools.partial(self.backend.load_running, ids))
+        except StorageUnavailable:
+            return refused  # cannot tell: refused, the safe answer
+        held = {job.id: job for job in stored}
+        wanted = {job.id: job for job in batch.upserts}
+        return frozenset(i for i in refused if held.get(i) != wanted.get(i))
 
     def _report(self, *, failed: bool) -> None:
         # While the store is down or recovering, every retried commit is the

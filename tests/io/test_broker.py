@@ -299,3 +299,20 @@ async def test_strict_durability_refuses_new_jobs_while_the_store_is_down(
         await enqueue(h)
     with pytest.raises(Unavailable, match="durability=strict refuses new jobs"):
         await enqueue(h)
+
+
+async def test_a_lost_commit_answer_is_not_taken_for_a_refusal(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    """The store applied a batch but its answer was lost: the retry finds the rows
+    already written, which is success, not "changed elsewhere"."""
+    job = await enqueue(h)
+    sid, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=1, lease_seconds=None)
+    delivered = jobs.receive_nowait()
+    await trio.sleep(1)  # the delivery's write has committed
+    h.backend.lose_next = 1
+    done = await h.broker.complete(delivered.id, delivered.lease_id)
+    assert isinstance(done, Job) and done.status is Status.COMPLETED
+    assert h.backend.rows[job.id].status is Status.COMPLETED
+    assert h.broker.committer.statistics().refused == 0
+    del sid
