@@ -373,7 +373,7 @@ class Broker:
         backend = self.committer.backend
         found: list[Job | None] | None = None
         try:
-            found = await self.committer.run_blocking(lambda: [backend.find_key(k) for k in keys])
+            found = await self.committer.run_read(lambda: [backend.find_key(k) for k in keys])
         except StorageUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         finally:
@@ -406,7 +406,7 @@ class Broker:
     async def _stored(self, job_id: str) -> Job | None:
         backend = self.committer.backend
         try:
-            result = await self.committer.run_blocking(lambda: backend.get(job_id))
+            result = await self.committer.run_read(lambda: backend.get(job_id))
         except StorageUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         assert result is None or isinstance(result, Job)

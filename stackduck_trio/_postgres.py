@@ -553,6 +553,9 @@ class PostgresBackend:
 
     kind = "postgres"
     threaded = True
+    #: reads may run on other threads than the writer's (each takes its own
+    #: pooled connection)
+    concurrent_reads = True
 
     def __init__(
         self,

@@ -420,8 +420,9 @@ class SharedBroker(Broker):
     # -- dead letters and pauses -----------------------------------------------------------
 
     async def _blocking(self, fn: Callable[[], T]) -> T:
+        """A read of the record store (off the writer's thread where possible)."""
         try:
-            return await self.committer.run_blocking(fn)
+            return await self.committer.run_read(fn)
         except StorageUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 

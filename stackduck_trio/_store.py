@@ -1067,6 +1067,15 @@ class GroupCommitter:
             return fn()
         return await self._thread.run(fn)
 
+    async def run_read(self, fn: Callable[[], T]) -> T:
+        """Run a blocking read: on a thread of its own when the backend allows
+        concurrent reads (``concurrent_reads``: PostgreSQL's pool), so lookups,
+        listings and stats never wait behind the writer; else as
+        :meth:`run_blocking`."""
+        if getattr(self.backend, "concurrent_reads", False):
+            return await trio.to_thread.run_sync(fn)
+        return await self.run_blocking(fn)
+
     def stop_thread(self) -> None:
         """Let the store's thread end (after the backend is closed)."""
         self._thread.stop()
