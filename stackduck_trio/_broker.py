@@ -34,7 +34,7 @@ import math
 import os
 import random
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import attrs
 import trio
@@ -57,6 +57,9 @@ from stackduck_core._failover import Durability, EnqueueMode, Route, route
 
 from ._clock import Clock
 from ._store import GroupCommitter, StorageUnavailable, Written
+
+if TYPE_CHECKING:
+    from ._metrics import Metrics
 
 log = logging.getLogger("stackduck.broker")
 
@@ -159,6 +162,8 @@ class Broker:
         self._pause_lock = trio.Lock()
         self._keys: dict[str, _KeyEntry] = {}  # idempotency keys being enqueued
         self.draining = False
+        #: Prometheus metrics, when the server exposes them
+        self.metrics: Metrics | None = None
 
     # -- plumbing --------------------------------------------------------------
 
@@ -210,6 +215,13 @@ class Broker:
                 self._counters(job.job_type).completed += 1
             elif job.status is Status.FAILED:
                 self._counters(job.job_type).failed += 1
+        if self.metrics is not None:
+            self.metrics.on_changed(jobs)
+
+    def _retried(self, job_type: str) -> None:
+        self._counters(job_type).retried += 1
+        if self.metrics is not None:
+            self.metrics.on_retried(job_type)
 
     def _counters(self, job_type: str) -> TypeCounters:
         counters = self.counters.get(job_type)
@@ -226,9 +238,12 @@ class Broker:
         cannot block.
         """
         if not self.draining and self._streams:
-            deliveries = self.core.dispatch(now=self.clock.now())
+            now = self.clock.now()
+            deliveries = self.core.dispatch(now=now)
             if deliveries:
                 self._persist([d.job for d in deliveries])
+                if self.metrics is not None:
+                    self.metrics.on_delivered([d.job for d in deliveries], now)
                 broken: set[int] = set()
                 for delivery in deliveries:
                     try:
@@ -345,6 +360,8 @@ class Broker:
             await self._committed(written)
         if accepted:
             await self._published(accepted)
+            if self.metrics is not None:
+                self.metrics.on_enqueued(accepted)
         if lookup_failed:
             message = "the record store failed on a request with the same idempotency key"
             raise OutcomeUnknown(message) if accepted else Unavailable(message)
@@ -491,6 +508,8 @@ class Broker:
         )
         if job is not None:
             self._persist([job])
+            if self.metrics is not None:
+                self.metrics.on_delivered([job], self.clock.now())
             self.changed()
         return job
 
@@ -507,7 +526,7 @@ class Broker:
         if replayed is not None:
             return await self._answer_replay(replayed)
         if isinstance(result, Job) and result.status is not Status.FAILED:
-            self._counters(result.job_type).retried += 1
+            self._retried(result.job_type)
         return await self._finish(job_id, result)
 
     def _replayed(
@@ -543,7 +562,7 @@ class Broker:
                 kind = Failed
                 result = self.core.fail(job_id, lease_id=lease_id, error=error, now=now)
                 if isinstance(result, Job) and result.status is not Status.FAILED:
-                    self._counters(result.job_type).retried += 1
+                    self._retried(result.job_type)
             else:
                 kind = Completed
                 result = self.core.complete(job_id, lease_id=lease_id, now=now)

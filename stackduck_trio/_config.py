@@ -32,6 +32,7 @@ class ServerConfig:
     redis_url: str | None = None
     redis_prefix: str = "stackduck"
     queue: str = "auto"
+    metrics_addr: str = ""
     tokens: tuple[str, ...] = ()
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -100,6 +101,15 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _metrics_addr(text: str) -> str:
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("HOST:PORT, e.g. 127.0.0.1:9090 (port 0 picks a free one)")
+    return text
+
+
 def _key_prefix(text: str) -> str:
     if not text or len(text) > 64 or not all(c.isalnum() or c in "-_.:" for c in text):
         raise ValueError("1 to 64 characters among letters, digits and - _ . :")
@@ -156,6 +166,13 @@ SETTINGS: Final = (
         "queue tier: auto (redis with REDIS_URL, else memory), memory (one instance), "
         "redis, or postgres (instances share the DATABASE_URL store without Redis)",
         "TIER",
+    ),
+    Setting(
+        "metrics_addr",
+        "STACKDUCK_METRICS_ADDR",
+        _metrics_addr,
+        "serve Prometheus metrics on http://HOST:PORT/metrics (unset: off)",
+        "HOST:PORT",
     ),
     Setting(
         "tokens",

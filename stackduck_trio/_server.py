@@ -203,6 +203,20 @@ async def _serve(
             log.info("%s", await broker.prepare())
             async with trio.open_nursery() as services:
                 await services.start(broker.run_tasks)
+                if config.metrics_addr:
+                    from ._metrics import Metrics, serve_metrics  # prometheus loads only when used
+
+                    metrics = Metrics()
+                    broker.metrics = metrics
+                    kind = backend.kind
+                    committer.on_commit_time = lambda seconds, ok: metrics.on_commit(
+                        kind, seconds, ok=ok
+                    )
+                    await services.start(metrics.run_refresher, broker)
+                    host, _, metrics_port = config.metrics_addr.rpartition(":")
+                    await services.start(
+                        serve_metrics, metrics, host.strip("[]"), int(metrics_port)
+                    )
                 methods = {
                     **method_table(
                         stackduck_pb2.DESCRIPTOR.services_by_name["StackDuckService"],

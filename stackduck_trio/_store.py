@@ -1023,6 +1023,8 @@ class GroupCommitter:
         self._rows = 0
         #: called with every HealthChanged of the store (the broker's hook)
         self.on_health: Callable[[HealthChanged], None] | None = None
+        #: called with each commit attempt's duration and outcome (metrics)
+        self.on_commit_time: Callable[[float, bool], None] | None = None
         self._failures = 0
         self._refused = 0
         self._largest = 0
@@ -1122,9 +1124,12 @@ class GroupCommitter:
             else:
                 items = self._pending[: self._max_batch]
             batch = self._merge(items)
+            started = time.monotonic()
             try:
                 refused = await self.run_blocking(functools.partial(self.backend.commit, batch))
             except StorageUnavailable as exc:
+                if self.on_commit_time is not None:
+                    self.on_commit_time(time.monotonic() - started, False)
                 retry = len(items)
                 self._failures += 1
                 self._report(failed=True)
@@ -1134,6 +1139,8 @@ class GroupCommitter:
                 assert retry_at is not None  # never HEALTHY right after a failure
                 await trio.sleep_until(self._deadline(retry_at))
                 continue
+            if self.on_commit_time is not None:
+                self.on_commit_time(time.monotonic() - started, True)
             self._report(failed=False)
             if retry and refused:
                 refused = await self._confirm(batch, refused)

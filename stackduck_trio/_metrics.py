@@ -1,0 +1,264 @@
+"""Prometheus metrics: ``GET /metrics`` on its own HTTP address (``STACKDUCK_METRICS_ADDR``).
+
+Counters and histograms are updated by the broker as things happen (per
+instance: in a cluster, sum them across instances); queue depths, running
+jobs, workers and backend health are read from the broker at most once a
+second by a refresher task and served from that snapshot (a scrape never
+waits on the record store or the queue tier). The registry is this server's
+own (``CollectorRegistry``), not prometheus-client's global one, so several
+servers in one process (tests) do not mix.
+
+The HTTP side is h11 (sans-IO HTTP/1.1) over trio streams: one request per
+connection, bounded in size and time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from stackduck_core import Job, QueueStats, Status
+
+if TYPE_CHECKING:
+    from ._broker import Broker
+
+log = logging.getLogger("stackduck.metrics")
+
+#: Latency buckets (seconds): sub-millisecond to a minute.
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_HEALTH = ("healthy", "suspect", "down", "recovering")
+
+
+class Metrics:
+    """This server's metrics; the broker reports events, :meth:`refresh` the gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.enqueued = Counter(
+            "stackduck_jobs_enqueued", "Jobs accepted (this instance)", ["job_type"], registry=r
+        )
+        self.started = Counter(
+            "stackduck_jobs_started", "Deliveries to workers (this instance)", ["job_type"],
+            registry=r,
+        )  # fmt: skip
+        self.completed = Counter(
+            "stackduck_jobs_completed", "Jobs completed (this instance)", ["job_type"], registry=r
+        )
+        self.retried = Counter(
+            "stackduck_jobs_retried", "Failures rescheduled for a retry (this instance)",
+            ["job_type"], registry=r,
+        )  # fmt: skip
+        self.dead = Counter(
+            "stackduck_jobs_dead_lettered", "Jobs that entered the dead-letter queue "
+            "(this instance)", ["job_type"], registry=r,
+        )  # fmt: skip
+        self.wait = Histogram(
+            "stackduck_job_wait_seconds",
+            "From when a job became due (enqueue or scheduled time) to its delivery",
+            ["job_type"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.run = Histogram(
+            "stackduck_job_run_seconds", "From delivery to completion",
+            ["job_type"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.commit = Histogram(
+            "stackduck_store_commit_seconds", "Record-store batch commits",
+            ["backend", "outcome"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._snapshot = _Snapshot()
+        self.registry.register(self._snapshot)
+
+    # -- events (called by the broker) ------------------------------------------------
+
+    def on_enqueued(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.enqueued.labels(job.job_type).inc()
+
+    def on_delivered(self, jobs: Iterable[Job], now: float) -> None:
+        for job in jobs:
+            self.started.labels(job.job_type).inc()
+            self.wait.labels(job.job_type).observe(
+                max(now - max(job.created_at, job.scheduled_at), 0.0)
+            )
+
+    def on_changed(self, jobs: Iterable[Job]) -> None:
+        """Records written: count outcomes (completions, retries, dead letters)."""
+        for job in jobs:
+            if job.status is Status.COMPLETED:
+                self.completed.labels(job.job_type).inc()
+                if job.started_at is not None and job.completed_at is not None:
+                    self.run.labels(job.job_type).observe(
+                        max(job.completed_at - job.started_at, 0.0)
+                    )
+            elif job.status is Status.FAILED:
+                self.dead.labels(job.job_type).inc()
+
+    def on_retried(self, job_type: str) -> None:
+        self.retried.labels(job_type).inc()
+
+    def on_commit(self, backend: str, seconds: float, *, ok: bool) -> None:
+        self.commit.labels(backend, "ok" if ok else "error").observe(seconds)
+
+    # -- gauges --------------------------------------------------------------------------
+
+    async def refresh(self, broker: Broker) -> None:
+        """Read the broker's state into the snapshot served by scrapes."""
+        stats: QueueStats | None
+        try:
+            stats = await broker.statistics()
+        except Exception as exc:  # noqa: BLE001 - a failed read keeps the last snapshot
+            log.debug("metrics refresh failed: %s", exc)
+            stats = None
+        dispatch = broker.core.dispatcher.statistics()
+        self._snapshot.update(
+            stats=stats,
+            workers=dispatch.streams,
+            in_flight=dispatch.in_flight,
+            backends=broker.backends(),
+            route=broker.queue_route(),
+        )
+
+    async def run_refresher(
+        self, broker: Broker, interval: float = 1.0,
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        await self.refresh(broker)
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            await self.refresh(broker)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Snapshot(Collector):
+    """The gauges, from the last :meth:`Metrics.refresh`."""
+
+    def __init__(self) -> None:
+        self._stats: QueueStats | None = None
+        self._workers = 0
+        self._in_flight = 0
+        self._backends: Sequence[tuple[str, str, str]] = ()
+        self._route = ""
+
+    def update(
+        self,
+        *,
+        stats: QueueStats | None,
+        workers: int,
+        in_flight: int,
+        backends: Sequence[tuple[str, str, str]],
+        route: str,
+    ) -> None:
+        if stats is not None:
+            self._stats = stats
+        self._workers, self._in_flight = workers, in_flight
+        self._backends, self._route = backends, route
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "stackduck_jobs",
+            "Jobs by type, status and priority (queued: the cluster's; scheduled and dead: "
+            "the record store's; running: this instance's)",
+            labels=["job_type", "status", "priority"],
+        )
+        if self._stats is not None:
+            for job_type, t in sorted(self._stats.types.items()):
+                for priority, n in enumerate(t.queued, start=1):
+                    depth.add_metric([job_type, "queued", str(priority)], n)
+                depth.add_metric([job_type, "scheduled", ""], t.scheduled)
+                depth.add_metric([job_type, "running", ""], t.running)
+                depth.add_metric([job_type, "dead", ""], t.dead)
+        yield depth
+        yield GaugeMetricFamily(
+            "stackduck_workers", "Worker streams connected to this instance", value=self._workers
+        )
+        yield GaugeMetricFamily(
+            "stackduck_jobs_in_flight",
+            "Jobs held by this instance's worker streams",
+            value=self._in_flight,
+        )
+        health = GaugeMetricFamily(
+            "stackduck_backend_health",
+            "1 for the backend's current health state",
+            labels=["role", "kind", "state"],
+        )
+        for role, kind, state in self._backends:
+            for candidate in _HEALTH:
+                health.add_metric([role, kind, candidate], 1.0 if candidate == state else 0.0)
+        yield health
+        route = GaugeMetricFamily(
+            "stackduck_queue_route", "1 for where this instance enqueues and claims now",
+            labels=["tier"],
+        )  # fmt: skip
+        if self._route:
+            route.add_metric([self._route], 1.0)
+        yield route
+
+
+# -- HTTP --------------------------------------------------------------------------------
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` on ``host:port`` until cancelled; reports the bound port."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    task_status.started(bound)
+    await trio.serve_listeners(lambda stream: _handle(metrics, stream), listeners)
+
+
+async def _handle(metrics: Metrics, stream: trio.abc.Stream) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
+    try:
+        with trio.move_on_after(10):
+            request: h11.Request | None = None
+            while request is None:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(8192)
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                elif isinstance(event, h11.Request):
+                    request = event
+                else:
+                    return
+            if request.method not in (b"GET", b"HEAD"):
+                status, body, kind = 405, b"only GET\n", b"text/plain"
+            elif request.target.split(b"?")[0] != b"/metrics":
+                status, body, kind = 404, b"see /metrics\n", b"text/plain"
+            else:
+                status, body, kind = 200, metrics.render(), b"text/plain; version=0.0.4"
+            headers = [
+                (b"content-type", kind),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            out = conn.send(h11.Response(status_code=status, headers=headers))
+            if request.method != b"HEAD":
+                out += conn.send(h11.Data(data=body))
+            out += conn.send(h11.EndOfMessage())
+            await stream.send_all(out)
+    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client's problem
+    except Exception:
+        # A bug here must not end the metrics listener (or the server with it).
+        log.exception("metrics request failed")
+    finally:
+        await trio.aclose_forcefully(stream)
