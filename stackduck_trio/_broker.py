@@ -62,6 +62,25 @@ if TYPE_CHECKING:
     from ._metrics import Metrics
 
 log = logging.getLogger("stackduck.broker")
+#: one line per job lifecycle event (STACKDUCK_LOG_JOBS=on)
+jobs_log = logging.getLogger("stackduck.jobs")
+
+
+def log_job(job: Job) -> None:
+    """Log a job's new state with its identifiers as structured fields."""
+    jobs_log.info(
+        "job %s %s",
+        job.id,
+        job.status.value,
+        extra={
+            "job_id": job.id,
+            "job_type": job.job_type,
+            "status": job.status.value,
+            "attempt": job.attempt,
+            "worker_id": job.worker_id or "",
+            "lease_id": job.lease_id or "",
+        },
+    )
 
 
 class Unavailable(Exception):
@@ -210,6 +229,9 @@ class Broker:
         )
 
     def _count(self, jobs: Sequence[Job]) -> None:
+        if jobs_log.isEnabledFor(logging.INFO):
+            for job in jobs:
+                log_job(job)
         for job in jobs:
             if job.status is Status.COMPLETED:
                 self._counters(job.job_type).completed += 1
@@ -362,6 +384,9 @@ class Broker:
             await self._published(accepted)
             if self.metrics is not None:
                 self.metrics.on_enqueued(accepted)
+            if jobs_log.isEnabledFor(logging.INFO):
+                for job in accepted:
+                    log_job(job)
         if lookup_failed:
             message = "the record store failed on a request with the same idempotency key"
             raise OutcomeUnknown(message) if accepted else Unavailable(message)

@@ -101,7 +101,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--{setting.field.replace('_', '-')}={text!r}: {exc}") from None
     config = load_config(env_file=args.env_file, overrides=overrides)
-    configure_logging(config.log_format, config.log_level)
+    configure_logging(config.log_format, config.log_level, jobs=config.log_jobs == "on")
     from ._server import make_backend
 
     make_backend(config)  # configuration errors before anything starts

@@ -47,6 +47,7 @@ class ServerConfig:
     sqlite_synchronous: str = "full"
     log_format: str = "human"
     log_level: str = "info"
+    log_jobs: str = "off"
 
     @property
     def sqlite_path(self) -> str:
@@ -240,6 +241,14 @@ SETTINGS: Final = (
         "MODE",
     ),
     Setting("log_format", "STACKDUCK_LOG_FORMAT", _choice("human", "json"), "log format", "FMT"),
+    Setting(
+        "log_jobs",
+        "STACKDUCK_LOG_JOBS",
+        _choice("off", "on"),
+        "log every job lifecycle event (logger stackduck.jobs: job_id, job_type, status, "
+        "attempt, worker_id, lease_id)",
+        "on|off",
+    ),
     Setting(
         "log_level",
         "STACKDUCK_LOG_LEVEL",

@@ -12,7 +12,16 @@ import logging
 import sys
 from typing import Final
 
-_CONTEXT_FIELDS: Final = ("job_id", "job_type", "worker_id", "lease_id", "stream_id", "peer")
+_CONTEXT_FIELDS: Final = (
+    "job_id",
+    "job_type",
+    "status",
+    "attempt",
+    "worker_id",
+    "lease_id",
+    "stream_id",
+    "peer",
+)
 
 
 class HumanFormatter(logging.Formatter):
@@ -43,8 +52,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(fmt: str = "human", level: str = "info") -> None:
-    """Send ``stackduck.*`` logs to stderr in the chosen format."""
+def configure_logging(fmt: str = "human", level: str = "info", *, jobs: bool = False) -> None:
+    """Send ``stackduck.*`` logs to stderr in the chosen format.
+
+    ``jobs``: also every job lifecycle event (logger ``stackduck.jobs``, INFO).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     # psycopg's pool logs connection trouble itself: same handler and format.
@@ -53,3 +65,4 @@ def configure_logging(fmt: str = "human", level: str = "info") -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper() if name == "stackduck" else "WARNING")
         logger.propagate = False
+    logging.getLogger("stackduck.jobs").setLevel("INFO" if jobs else "WARNING")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import socket
 import time
 import urllib.error
@@ -13,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stackduck_trio import Client, JobInfo, Worker
 from stackduck_trio._config import ConfigError, load_config
-from stackduck_trio.testing import open_test_server
+from stackduck_trio.testing import ServerProcess, open_test_server
+
+from .e2e_helpers import open_client
 
 
 def free_port() -> int:
@@ -108,6 +112,7 @@ async def test_metrics_http_answers_404_405_and_survives_garbage() -> None:
 
         assert await trio.to_thread.run_sync(get, "/nope") == 404
         assert await trio.to_thread.run_sync(get, "/metrics", "POST") == 405
+
         def garbage() -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.sendall(b"\x00\x01 not http\r\n\r\n")
@@ -122,3 +127,26 @@ def test_metrics_address_is_checked() -> None:
     assert load_config(environ={}).metrics_addr == ""
     with pytest.raises(ConfigError, match="STACKDUCK_METRICS_ADDR"):
         load_config(environ={"STACKDUCK_METRICS_ADDR": "nonsense"})
+
+
+def test_job_lifecycle_logs_are_structured(tmp_path: pathlib.Path) -> None:
+    """--log-jobs on --log-format json: one JSON line per lifecycle event, with ids."""
+    with ServerProcess(
+        tmp_path / "data", "--log-jobs", "on", "--log-format", "json", "--heartbeat-interval", "0.2"
+    ) as server:
+        with open_client(server.address) as client:
+            job_id = client.enqueue("logged", payload='{"x": 1}')
+            with client.stream(["logged"], prefetch=1) as stream:
+                job = stream.next_job(within=5)
+                client.complete(job)
+        assert server.terminate(timeout=20) == 0
+    events = [
+        json.loads(line)
+        for line in server.log_path.read_text().splitlines()
+        if line.startswith("{") and '"stackduck.jobs"' in line
+    ]
+    mine = [e for e in events if e.get("job_id") == job_id]
+    assert [e["status"] for e in mine] == ["queued", "running", "completed"]
+    running = mine[1]
+    assert running["job_type"] == "logged" and running["attempt"] == 1
+    assert running["lease_id"] == job.lease_id and running["worker_id"]
