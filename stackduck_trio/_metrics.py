@@ -73,6 +73,10 @@ class Metrics:
             "stackduck_store_commit_seconds", "Record-store batch commits",
             ["backend", "outcome"], buckets=_BUCKETS, registry=r,
         )  # fmt: skip
+        self.tier_ops = Histogram(
+            "stackduck_tier_op_seconds", "Queue-tier operations (Redis scripts, record-store claims)",
+            ["tier", "outcome"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
 
@@ -106,6 +110,9 @@ class Metrics:
 
     def on_commit(self, backend: str, seconds: float, *, ok: bool) -> None:
         self.commit.labels(backend, "ok" if ok else "error").observe(seconds)
+
+    def on_tier_op(self, tier: str, seconds: float, *, ok: bool) -> None:
+        self.tier_ops.labels(tier, "ok" if ok else "error").observe(seconds)
 
     # -- gauges --------------------------------------------------------------------------
 

@@ -213,16 +213,22 @@ class SharedBroker(Broker):
         (The fallback's failures are the record store's, whose writer reports
         them to the store's own machine.)
         """
-        if tier is not self.tier:
-            return await fn()
         started = self.clock.now()
         try:
             result = await fn()
         except TierUnavailable:
-            self._health(OpFailed(now=self.clock.now(), started_at=started))
+            self._observe(tier, started, ok=False)
+            if tier is self.tier:
+                self._health(OpFailed(now=self.clock.now(), started_at=started))
             raise
-        self._health(OpSucceeded(now=self.clock.now(), started_at=started))
+        self._observe(tier, started, ok=True)
+        if tier is self.tier:
+            self._health(OpSucceeded(now=self.clock.now(), started_at=started))
         return result
+
+    def _observe(self, tier: Tier, started: float, *, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.on_tier_op(tier.kind, self.clock.now() - started, ok=ok)
 
     # -- producers ------------------------------------------------------------------------
 

@@ -367,3 +367,30 @@ async def test_failing_handlers_retry_and_no_ack_is_refused(schema: str, kind: s
             worker.stop()
     assert stats.acks_rejected == 0, stats
     assert sorted(attempts) == sorted(ids) and set(attempts.values()) == {2}
+
+
+async def test_cluster_metrics_show_the_tier_and_its_operations(schema: str, kind: str) -> None:
+    from .test_metrics import free_port, scrape
+
+    port = free_port()
+    async with cluster(schema, kind, n=1, metrics_addr=f"127.0.0.1:{port}") as (a,):
+        done = trio.Event()
+
+        async def handler(job: JobInfo) -> None:
+            done.set()
+
+        worker = Worker(a, {"m": handler}, stream_idle_timeout=1.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            async with Client.connect(a) as client:
+                await client.enqueue("m", {})
+                with trio.fail_after(10):
+                    await done.wait()
+            await trio.sleep(1.2)  # a refresh of the gauges
+            samples = await scrape(port)
+            worker.stop()
+    tier = "postgres" if kind == "postgres" else kind
+    ops = samples.get(("stackduck_tier_op_seconds_count", (("outcome", "ok"), ("tier", tier))))
+    assert ops is not None and ops > 0, sorted(k for k in samples if "tier" in k[0])
+    assert samples[("stackduck_queue_route", (("tier", tier),))] == 1
+    assert samples[("stackduck_jobs_started_total", (("job_type", "m"),))] == 1
