@@ -109,8 +109,10 @@ from ._states import Released as Released
 from ._states import Requeued as Requeued
 from ._states import WorkerDetached as WorkerDetached
 from ._states import apply as apply
+from ._states import merge_chain as merge_chain
 from ._states import needs_new_seq as needs_new_seq
 from ._states import new_job as new_job
 from ._states import recover_claim as recover_claim
+from ._states import writes_over as writes_over
 
 __version__ = "0.2.0"

@@ -54,7 +54,7 @@ Ordering is not decided here: when a record leaves with status QUEUED its
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final, TypeAlias, final
 
 import attrs
@@ -81,9 +81,11 @@ __all__ = [
     "WorkerDetached",
     "Recovery",
     "apply",
+    "merge_chain",
     "needs_new_seq",
     "new_job",
     "recover_claim",
+    "writes_over",
 ]
 
 
@@ -556,3 +558,45 @@ def recover_claim(
     result = apply(job, event, policy)
     assert isinstance(result, Job)
     return Recovery(result, result if result.status is Status.QUEUED else None)
+
+
+# -- what a record store writes ------------------------------------------------
+
+
+def writes_over(job: Job, row: Job | None) -> bool:
+    """Whether a record store writes ``job`` over its current ``row``.
+
+    * a record with no base (a new job, or one written unconditionally):
+      inserted when there is no row, else written only over an older version;
+    * a record with a base (made by a transition): compare-and-set -- only
+      over a row that still has the base's status and lease and an older
+      version; never inserted (a missing row was purged meanwhile).
+
+    Drivers implement the same rule in SQL; this is its definition.
+    """
+    base = job.base
+    if base is None:
+        return row is None or row.version < job.version
+    return (
+        row is not None
+        and row.status is base.status
+        and row.lease_id == base.lease_id
+        and row.version < job.version
+    )
+
+
+def merge_chain(records: Iterable[Job]) -> dict[str, Job]:
+    """One record per job id, in first-seen order, for one write.
+
+    The records of one job written together form a chain (each one's base is
+    the one before, which never reaches the store): the newest version (of
+    equal ones, the later) is written over what the *first* one expected.
+    """
+    latest: dict[str, Job] = {}
+    for job in records:
+        old = latest.get(job.id)
+        if old is None:
+            latest[job.id] = job
+        elif job.version >= old.version:
+            latest[job.id] = job if job.base == old.base else attrs.evolve(job, base=old.base)
+    return latest

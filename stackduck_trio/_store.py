@@ -39,7 +39,7 @@ import attrs
 import outcome
 import trio
 
-from stackduck_core import Job, Status
+from stackduck_core import Job, Status, merge_chain, writes_over
 from stackduck_core._failover import (
     BackendHealth,
     Health,
@@ -203,40 +203,17 @@ class Batch:
     unconditional and apply after the upserts. The committer sends at most one
     record per id; should a batch hold several, the newest version (the later
     of equal ones) is written with the *first* one's base, as the committer
-    merges a chain of records (:func:`merge_upserts`).
+    merges a chain of records (:func:`stackduck_core.merge_chain`); the rule
+    itself is :func:`stackduck_core.writes_over`.
     """
 
     upserts: Sequence[Job]
     deletes: Sequence[str]
 
 
-def merge_upserts(upserts: Iterable[Job]) -> dict[str, Job]:
-    """One record per id, in first-seen order: the newest version, with the first one's base.
-
-    Of equal versions the later wins. The records of one job in a batch form a
-    chain whose first base says what the store holds (see :class:`Batch`).
-    """
-    latest: dict[str, Job] = {}
-    for job in upserts:
-        old = latest.get(job.id)
-        if old is None:
-            latest[job.id] = job
-        elif job.version >= old.version:
-            latest[job.id] = job if job.base == old.base else attrs.evolve(job, base=old.base)
-    return latest
-
-
-def applies(job: Job, row: Job | None) -> bool:
-    """Whether the store writes ``job`` over its current ``row`` (see :class:`Batch`)."""
-    base = job.base
-    if base is None:
-        return row is None or row.version < job.version
-    return (
-        row is not None
-        and row.status is base.status
-        and row.lease_id == base.lease_id
-        and row.version < job.version
-    )
+#: The core's write rules, under the names the backends use.
+merge_upserts = merge_chain
+applies = writes_over
 
 
 class Backend(Protocol):
@@ -1217,19 +1194,16 @@ class GroupCommitter:
         one before, which never reaches the store; only the first base says
         what the store holds.)
         """
-        latest: dict[str, Job] = {}
+        upserts: list[Job] = []
         deletes: dict[str, None] = {}
         for item in items:
             for job in item.upserts:
-                first = latest.get(job.id)
-                if first is not None and first.base != job.base:
-                    job = attrs.evolve(job, base=first.base)
-                latest[job.id] = job
+                upserts.append(job)
                 deletes.pop(job.id, None)
             for job_id in item.deletes:
-                latest.pop(job_id, None)
+                upserts = [job for job in upserts if job.id != job_id]  # (deletes are rare)
                 deletes[job_id] = None
-        return Batch(tuple(latest.values()), tuple(deletes))
+        return Batch(tuple(merge_chain(upserts).values()), tuple(deletes))
 
     def close(self) -> None:
         """Accept no more writes; :meth:`run` returns once the backlog is committed."""
