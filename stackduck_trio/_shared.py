@@ -87,6 +87,9 @@ log = logging.getLogger("stackduck.shared")
 T = TypeVar("T")
 
 _WAITING = (Status.QUEUED, Status.SCHEDULED)
+#: Settles waiting for the tier, per tier, before the oldest are given up to
+#: the reaper (memory stays bounded when the tier is slow but not down).
+MAX_PENDING_SETTLES = 100_000
 
 
 class SharedBroker(Broker):
@@ -146,6 +149,7 @@ class SharedBroker(Broker):
         self.committer.on_health = self._store_health
         #: jobs claimed, claims reaped, orphans swept (for tests and logs)
         self.claimed = 0
+        self.dropped_settles = 0
         self.reaped = 0
         self.swept = 0
 
@@ -396,7 +400,13 @@ class SharedBroker(Broker):
             self._settle(held[0], job.id, held[1], back)
 
     def _settle(self, tier: Tier, job_id: str, token: str, record: Job | None) -> None:
-        self._settles.setdefault(tier, []).append((job_id, token, record))
+        pending = self._settles.setdefault(tier, [])
+        if len(pending) >= MAX_PENDING_SETTLES:
+            # The tier lags far behind: the oldest settle is given up (its claim
+            # expires and any instance's reaper decides from the record store).
+            pending.pop(0)
+            self.dropped_settles += 1
+        pending.append((job_id, token, record))
         self._tier_wakeup.set()
 
     def _push(self, job: Job) -> None:

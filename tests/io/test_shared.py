@@ -394,3 +394,31 @@ async def test_cluster_metrics_show_the_tier_and_its_operations(schema: str, kin
     assert ops is not None and ops > 0, sorted(k for k in samples if "tier" in k[0])
     assert samples[("stackduck_queue_route", (("tier", tier),))] == 1
     assert samples[("stackduck_jobs_started_total", (("job_type", "m"),))] == 1
+
+
+def test_settles_waiting_for_a_lagging_tier_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stackduck_core import BackendHealth, BackendRole, QueueCore
+    from stackduck_trio import _shared
+    from stackduck_trio._broker import new_id
+    from stackduck_trio._clock import WallClock
+    from stackduck_trio._store import GroupCommitter, MemoryBackend
+
+    monkeypatch.setattr(_shared, "MAX_PENDING_SETTLES", 3)
+    clock = WallClock()
+    backend = MemoryBackend()
+    health = BackendHealth("memory", BackendRole.RECORD_STORE)
+    committer = GroupCommitter(backend, health, now=clock.now, clock_deadline=clock.trio_deadline)
+    tier = MemoryTier()
+    broker = _shared.SharedBroker(
+        core=QueueCore(new_id=new_id),
+        committer=committer,
+        clock=clock,
+        tier=tier,
+        tier_health=BackendHealth("memory", BackendRole.QUEUE_TIER),
+        owner="o",
+        claim_seconds=10.0,
+    )
+    for n in range(5):
+        broker._settle(tier, f"job-{n}", "token", None)
+    assert [job_id for job_id, _, _ in broker._settles[tier]] == ["job-2", "job-3", "job-4"]
+    assert broker.dropped_settles == 2
