@@ -730,6 +730,45 @@ class StatsPoller:
         return samples[-1].queue_tier if samples else None
 
 
+@dataclasses.dataclass
+class Load:
+    """A steady load on instances A and B (see :func:`steady_load`)."""
+
+    log: ExecutionLog
+    producers: list[Producer]
+    poller: StatsPoller
+
+
+@contextlib.contextmanager
+def steady_load(cluster: Cluster, job_type: str, *, started: int = 200) -> Iterator[Load]:
+    """grpcio workers on A and B (prefetch 8, 2 ms jobs), a GetStats/health poller, and a
+    producer enqueueing one job every 5 ms into each; yields once ``started`` jobs ran.
+    Everything is stopped at the end (producers may be stopped earlier)."""
+    log = ExecutionLog()
+    workers = [
+        GrpcWorker(log, name, cluster.address(name), [job_type], name=f"grpc-{name}",
+                   prefetch=8, work=0.002).start()
+        for name in ("A", "B")
+    ]  # fmt: skip
+    poller = StatsPoller({name: cluster.address(name) for name in ("A", "B")}).start()
+    producers: list[Producer] = []
+    try:
+        for worker in workers:
+            assert worker.attached.wait(10), f"{worker.name} not attached"
+        producers = [
+            Producer(name, cluster.address(name), job_type, batch=1, pause=0.005).start()
+            for name in ("A", "B")
+        ]
+        wait_until(lambda: len(log.snapshot()) > started, within=15)
+        yield Load(log, producers, poller)
+    finally:
+        for producer in producers:
+            producer.stop()
+        for worker in workers:
+            worker.stop()
+        poller.stop()
+
+
 def enqueued_where(producers: Sequence[Producer]) -> dict[str, tuple[str, float]]:
     """``{job id: (instance, monotonic time)}`` of every acknowledged enqueue."""
     return {job_id: (p.instance, t) for p in producers for t, job_id in p.acked}
@@ -1157,22 +1196,8 @@ def test_redis_sigkill_and_empty_restart_under_load_loses_no_job(
     with open_cluster(tmp_path, private_redis, "--lease-seconds", "5") as cluster:
         check_cluster_healthy(cluster)
         job_type = new_type("redisdown")
-        log = ExecutionLog()
-        workers = [
-            GrpcWorker(log, name, cluster.address(name), [job_type], name=f"grpc-{name}",
-                       prefetch=8, work=0.002).start()
-            for name in ("A", "B")
-        ]  # fmt: skip
-        poller = StatsPoller({name: cluster.address(name) for name in ("A", "B")}).start()
-        producers: list[Producer] = []
-        try:
-            for worker in workers:
-                assert worker.attached.wait(10), f"{worker.name} not attached"
-            producers = [
-                Producer(name, cluster.address(name), job_type, batch=1, pause=0.005).start()
-                for name in ("A", "B")
-            ]
-            wait_until(lambda: len(log.snapshot()) > 200, within=15)
+        with steady_load(cluster, job_type) as load:
+            log, producers, poller = load.log, load.producers, load.poller
             down = time.monotonic()
             private_redis.kill()
             time.sleep(outage)
@@ -1196,12 +1221,6 @@ def test_redis_sigkill_and_empty_restart_under_load_loses_no_job(
                     lambda: enqueued_where(producers),
                 ),
             )
-        finally:
-            for producer in producers:
-                producer.stop()
-            for worker in workers:
-                worker.stop()
-            poller.stop()
 
         report = check_executions(log)
         errors = [(p.instance, why) for p in producers for _, why in p.errors]

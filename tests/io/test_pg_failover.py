@@ -32,15 +32,7 @@ from .private_servers import PrivateRedis
 # registers the fixtures in this module
 from .private_servers import private_redis_fixture as private_redis_fixture
 from .test_backends import admin_connection
-from .test_multi_instance import (
-    Cluster,
-    ExecutionLog,
-    GrpcWorker,
-    Producer,
-    StatsPoller,
-    check_executions,
-    enqueue_notes,
-)
+from .test_multi_instance import Cluster, check_executions, enqueue_notes, steady_load
 from .test_postgres_server import PrivatePostgres, server_process
 from .test_postgres_server import private_postgres as private_postgres
 
@@ -75,82 +67,66 @@ def test_postgres_restart_under_load_loses_no_acknowledged_job(
     args = ("--durability", durability, "--lease-seconds", "10", "--write-timeout", "2")
     with pg_cluster(tmp_path, pg, private_redis, *args) as cluster:
         job_type = new_type(f"pgdown{durability}")
-        log = ExecutionLog()
-        workers = [
-            GrpcWorker(log, name, cluster.address(name), [job_type], name=f"grpc-{name}",
-                       prefetch=8, work=0.002).start()
-            for name in ("A", "B")
-        ]  # fmt: skip
-        poller = StatsPoller({n: cluster.address(n) for n in ("A", "B")}).start()
-        producers: list[Producer] = []
+        # the admin connection reopened after the restart lives until the end
         stack = contextlib.ExitStack()
         try:
-            for worker in workers:
-                assert worker.attached.wait(10), f"{worker.name} not attached"
-            producers = [
-                Producer(name, cluster.address(name), job_type, batch=1, pause=0.005).start()
-                for name in ("A", "B")
-            ]
-            wait_until(lambda: len(log.snapshot()) > 200, within=15)
-            # Admin connections die with the server: reopen after the restart.
-            cluster.admin.close()
-            down = time.monotonic()
-            pg.stop("immediate")
-            time.sleep(5.0)
-            pg.start()
-            up = time.monotonic()
-            cluster.admin = stack.enter_context(admin_connection(pg.url))
-            after = len(log.snapshot())
-            wait_until(lambda: len(log.snapshot()) > after + 100, within=30)  # work goes on
-            for producer in producers:
-                producer.stop()
-            acked = [job_id for p in producers for job_id in p.ids]
-            done = cluster.wait_completed(acked, within=60)
-        finally:
-            for producer in producers:
-                producer.stop()
-            for worker in workers:
-                worker.stop()
-            poller.stop()
+            with steady_load(cluster, job_type) as load:
+                log, producers, poller = load.log, load.producers, load.poller
+                # Admin connections die with the server: reopen after the restart.
+                cluster.admin.close()
+                down = time.monotonic()
+                pg.stop("immediate")
+                time.sleep(5.0)
+                pg.start()
+                up = time.monotonic()
+                cluster.admin = stack.enter_context(admin_connection(pg.url))
+                after = len(log.snapshot())
+                wait_until(lambda: len(log.snapshot()) > after + 100, within=30)  # work goes on
+                for producer in producers:
+                    producer.stop()
+                acked = [job_id for p in producers for job_id in p.ids]
+                done = cluster.wait_completed(acked, within=60)
 
-        report = check_executions(log)
-        refused = Counter(why for p in producers for _, why in p.errors)
-        during = sum(1 for p in producers for t, _ in p.acked if down <= t <= up)
-        store_states = {
-            name: [s.record_store for s in poller.of(name) if s.t >= down] for name in ("A", "B")
-        }
-        seen_down = {
-            name: any(v != "healthy" for v in states) for name, states in store_states.items()
-        }
-        acks = Counter(e.ack for e in log.snapshot())
-        print(
-            f"\nPostgreSQL crashed under load for {up - down:.2f} s (durability={durability}): "
-            f"{len(acked)} enqueues acknowledged, {during} of them during the outage; "
-            f"refused {dict(refused)}; all completed {done - up:.2f} s after PostgreSQL was "
-            f"back\n  delivered twice: {report.delivered_twice} jobs; acks {dict(acks)}; "
-            f"store seen unhealthy in GetStats: {seen_down}"
-        )
-        assert set(cluster.statuses(acked).values()) == {"completed"}
-        assert any(seen_down.values()), "GetStats never showed the record store unhealthy"
-        if durability == "strict":
-            assert set(refused) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, refused
-            assert refused.get("UNAVAILABLE"), (
-                "strict: no enqueue was refused while PostgreSQL was down"
+            report = check_executions(log)
+            refused = Counter(why for p in producers for _, why in p.errors)
+            during = sum(1 for p in producers for t, _ in p.acked if down <= t <= up)
+            store_states = {
+                name: [s.record_store for s in poller.of(name) if s.t >= down]
+                for name in ("A", "B")
+            }
+            seen_down = {
+                name: any(v != "healthy" for v in states) for name, states in store_states.items()
+            }
+            acks = Counter(e.ack for e in log.snapshot())
+            print(
+                f"\nPostgreSQL crashed under load for {up - down:.2f} s (durability={durability}): "
+                f"{len(acked)} enqueues acknowledged, {during} of them during the outage; "
+                f"refused {dict(refused)}; all completed {done - up:.2f} s after PostgreSQL was "
+                f"back\n  delivered twice: {report.delivered_twice} jobs; acks {dict(acks)}; "
+                f"store seen unhealthy in GetStats: {seen_down}"
             )
-        else:
-            assert during > 0, "buffered: no enqueue was accepted while PostgreSQL was down"
-            assert set(refused) <= {"DEADLINE_EXCEEDED"}, refused
-        print(
-            f"  {len(report.overlaps)} jobs held under two leases at once, "
-            f"{len(report.after_completion)} deliveries of already completed jobs"
-        )
-        if durability == "strict":
-            report.assert_clean(down, "the PostgreSQL crash", enqueue_notes(producers, down))
-        else:
-            # Jobs accepted while the store was down reached Redis before their rows
-            # existed: an instance that delivered one saw its writes refused and let go
-            # of it, and it was delivered again later (at-least-once, reported above).
-            # Fencing holds: no completion is accepted twice.
-            report.assert_fenced(down, "the PostgreSQL crash", enqueue_notes(producers, down))
-        with stack:
+            assert set(cluster.statuses(acked).values()) == {"completed"}
+            assert any(seen_down.values()), "GetStats never showed the record store unhealthy"
+            if durability == "strict":
+                assert set(refused) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, refused
+                assert refused.get("UNAVAILABLE"), (
+                    "strict: no enqueue was refused while PostgreSQL was down"
+                )
+            else:
+                assert during > 0, "buffered: no enqueue was accepted while PostgreSQL was down"
+                assert set(refused) <= {"DEADLINE_EXCEEDED"}, refused
+            print(
+                f"  {len(report.overlaps)} jobs held under two leases at once, "
+                f"{len(report.after_completion)} deliveries of already completed jobs"
+            )
+            if durability == "strict":
+                report.assert_clean(down, "the PostgreSQL crash", enqueue_notes(producers, down))
+            else:
+                # Jobs accepted while the store was down reached Redis before their rows
+                # existed: an instance that delivered one saw its writes refused and let go
+                # of it, and it was delivered again later (at-least-once, reported above).
+                # Fencing holds: no completion is accepted twice.
+                report.assert_fenced(down, "the PostgreSQL crash", enqueue_notes(producers, down))
             cluster.finish("A", "B")
+        finally:
+            stack.close()
