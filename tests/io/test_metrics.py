@@ -72,8 +72,14 @@ async def test_metrics_match_a_workload() -> None:
                         if done is not None and done.completed == 10:
                             break
                         await trio.sleep(0.05)
-                await trio.sleep(1.2)  # one refresh of the gauges
-                m = await scrape(port)
+                # the gauges follow within a refresh (once a second)
+                dead = (
+                    "stackduck_jobs",
+                    (("job_type", "bad"), ("priority", ""), ("status", "dead")),
+                )
+                with trio.fail_after(5):
+                    while (m := await scrape(port)).get(dead) != 4:  # noqa: ASYNC110 - polling on purpose
+                        await trio.sleep(0.1)
                 worker.stop()
 
     def value(name: str, **labels: str) -> float:
