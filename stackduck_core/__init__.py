@@ -72,6 +72,14 @@ from ._job import validate_enqueue as validate_enqueue
 from ._job import validate_job_type as validate_job_type
 from ._job import validate_lease_seconds as validate_lease_seconds
 from ._job import validate_prefetch as validate_prefetch
+from ._limits import MAX_BURST as MAX_BURST
+from ._limits import MAX_RATE as MAX_RATE
+from ._limits import MAX_RUNNING as MAX_RUNNING
+from ._limits import Allowance as Allowance
+from ._limits import Limiter as Limiter
+from ._limits import TypeLimit as TypeLimit
+from ._limits import limit_from_wire as limit_from_wire
+from ._limits import parse_limits as parse_limits
 from ._ordering import EPOCH as EPOCH
 from ._ordering import MAX_SEQ as MAX_SEQ
 from ._ordering import SEQ_BITS as SEQ_BITS
@@ -91,6 +99,7 @@ from ._ratelimit import GcraDecision as GcraDecision
 from ._ratelimit import RateLimit as RateLimit
 from ._ratelimit import RateLimiter as RateLimiter
 from ._ratelimit import gcra as gcra
+from ._ratelimit import gcra_allowance as gcra_allowance
 from ._states import EVENT_TYPES as EVENT_TYPES
 from ._states import TRANSITIONS as TRANSITIONS
 from ._states import Cancelled as Cancelled

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Final, final
 
@@ -42,6 +42,7 @@ from ._job import (
     clip_error,
     validate_enqueue,
 )
+from ._limits import Limiter
 from ._ordering import SequenceClock
 from ._states import (
     Cancelled,
@@ -117,6 +118,9 @@ class QueueCore:
         default_lease: lease length in seconds when none is asked for.
         seq_clock: the FIFO sequence source (shared with restored jobs).
         outcome_memory: how many recent ack outcomes :meth:`replay` remembers.
+        limiter: rate and concurrency limits applied when jobs start
+            (:meth:`dispatch`, :meth:`claim`); ``None`` when something else
+            applies them (a shared queue tier, for a whole cluster).
     """
 
     def __init__(
@@ -128,8 +132,12 @@ class QueueCore:
         default_lease: float = DEFAULT_LEASE_SECONDS,
         seq_clock: SequenceClock | None = None,
         outcome_memory: int = 10_000,
+        limiter: Limiter | None = None,
     ) -> None:
         self._new_id = new_id
+        self.limiter = limiter
+        # job type -> when its rate limit lets the next held-back job start
+        self._rate_waits: dict[str, float] = {}
         self.policy = policy or LifecyclePolicy()
         self.limits = limits or Limits()
         self.default_lease = default_lease
@@ -465,11 +473,14 @@ class QueueCore:
             ValueError: ``lease_seconds`` is given and not positive.
         """
         _check_lease(lease_seconds)
-        if job_type in self._paused:
+        if job_type in self._paused or not self.ready_count(job_type):
             return None
-        job = self._pop_ready(job_type)
-        if job is None:
-            return None
+        if self.limiter is not None:
+            running = self.running_count(job_type)
+            if not self.limiter.check(job_type, 1, now=now, running=running).granted:
+                return None
+            self.limiter.take(job_type, 1, now=now)
+        job = self._pop_ready(job_type)  # ready counts are exact in memory
         return self._lease(job, now, worker_id, lease_seconds or self.default_lease)
 
     def _lease(self, job: Job, now: float, worker_id: str, lease_seconds: float) -> Job:
@@ -483,13 +494,13 @@ class QueueCore:
         assert isinstance(result, Job)
         return result
 
-    def _pop_ready(self, job_type: str) -> Job | None:
-        heap = self._ready.get(job_type)
-        while heap:
+    def _pop_ready(self, job_type: str) -> Job:
+        """The best ready job of ``job_type``; the caller knows there is one."""
+        heap = self._ready[job_type]
+        while True:
             entry = heapq.heappop(heap)
             if self._live_ready(entry):
                 return self._jobs[entry[2]]
-        return None
 
     def attach(
         self,
@@ -556,16 +567,28 @@ class QueueCore:
             for job_type in wanted
             if job_type not in self._paused and (n := self.ready_count(job_type))
         }
+        self._rate_waits.clear()
+        if self.limiter is not None:
+            for job_type, n in ready.items():
+                want = min(n, self.dispatcher.credit(job_type))
+                running = self.running_count(job_type)
+                allowance = self.limiter.check(job_type, want, now=now, running=running)
+                ready[job_type] = allowance.granted
+                if allowance.retry_at is not None:
+                    self._rate_waits[job_type] = allowance.retry_at
         deliveries: list[Delivery] = []
         for stream_id, job_type in self.dispatcher.plan(ready):
-            job = self._pop_ready(job_type)
-            assert job is not None  # ready counts are exact in memory
+            job = self._pop_ready(job_type)  # ready counts are exact in memory
             info = self.dispatcher.stream(stream_id)
             assert info is not None
             leased = self._lease(job, now, info.worker_id, info.lease_seconds)
             assert leased.lease_id is not None
             self.dispatcher.delivered(stream_id, leased.id, leased.lease_id)
             deliveries.append(Delivery(stream_id, leased))
+        if self.limiter is not None:
+            started = Counter(d.job.job_type for d in deliveries)
+            for job_type, n in started.items():
+                self.limiter.take(job_type, n, now=now)
         return deliveries
 
     def _current_lease(self, job: Job, lease_id: str | None) -> str:
@@ -734,9 +757,11 @@ class QueueCore:
         return changed
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which :meth:`tick` has work, or ``None``."""
+        """The earliest time at which :meth:`tick` (or, for a job held back by a
+        rate limit, :meth:`dispatch`) has work, or ``None``."""
         self._drop_stale()
         times = [heap[0][0] for heap in (self._scheduled, self._leases) if heap]
+        times.extend(self._rate_waits.values())
         return min(times) if times else None
 
     def _drop_stale(self) -> None:
@@ -763,6 +788,10 @@ class QueueCore:
         """The queued jobs of ``job_type``, in delivery order."""
         heap = self._ready.get(job_type, [])
         return [self._jobs[e[2]] for e in sorted(heap) if self._live_ready(e)]
+
+    def running_count(self, job_type: str) -> int:
+        """How many jobs of ``job_type`` are running (leased to a worker)."""
+        return sum(self._counts.get((job_type, Status.RUNNING, p), 0) for p in (1, 2, 3))
 
     def ready_count(self, job_type: str) -> int:
         """How many jobs of ``job_type`` are queued (paused or not)."""

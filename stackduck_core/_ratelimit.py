@@ -55,6 +55,7 @@ __all__ = [
     "RateLimit",
     "RateLimiter",
     "gcra",
+    "gcra_allowance",
 ]
 
 # Relative slack of the conformance test: 4 to 8 ulps of the largest time involved.
@@ -151,6 +152,37 @@ def gcra(tat: float, now: float, limit: RateLimit, cost: int = 1) -> GcraDecisio
     while now + retry_after < allow_at:
         retry_after = math.nextafter(retry_after, math.inf)
     return GcraDecision(allowed=False, new_tat=tat, retry_after=retry_after)
+
+
+def gcra_allowance(tat: float, now: float, limit: RateLimit) -> int:
+    """How many tokens could be taken at once at ``now``: 0 to ``limit.burst``.
+
+    The largest ``k`` for which ``gcra(tat, now, limit, k)`` is allowed (0 if
+    even one token is not). Conformance is monotonic in ``k``, so the answer
+    is unique: an estimate from the bucket's level, one token short so that
+    rounding can never make it too high, then raised while the exact test of
+    :func:`gcra` allows one more (one to three steps).
+    The Redis tier's claim script mirrors this function operation for
+    operation (doubles both sides), so both agree to the last bit.
+
+    Raises:
+        ValueError: ``tat`` or ``now`` is not finite.
+    """
+    if not (math.isfinite(tat) and math.isfinite(now)):
+        raise ValueError(f"times must be finite, got tat={tat!r}, now={now!r}")
+    interval = limit.emission_interval
+    level = (now - max(tat, now)) / interval  # <= 0: tokens owed
+    k = min(max(math.floor(level) + limit.burst - 1, 0), limit.burst)
+    while k < limit.burst and _conforms(tat, now, interval, limit.burst, k + 1):
+        k += 1
+    return k
+
+
+def _conforms(tat: float, now: float, interval: float, burst: int, cost: int) -> bool:
+    """:func:`gcra`'s test, step for step."""
+    new_tat = max(tat, now) + cost * interval
+    allow_at = new_tat - burst * interval
+    return allow_at <= now + max(abs(now), abs(new_tat)) * _ROUNDING
 
 
 class RateLimiter:
