@@ -106,7 +106,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from stackduck_core import Job
+from stackduck_core import Job, TypeLimit
 
 from ._config import ConfigError
 from ._store import (
@@ -118,6 +118,8 @@ from ._store import (
     _check_limit,
     _plain_text,
     dead_page_token,
+    limit_columns,
+    limit_from_columns,
     merge_upserts,
     parse_dead_page_token,
     parse_id_token,
@@ -127,7 +129,7 @@ from ._store import (
 log = logging.getLogger("stackduck.store.postgres")
 
 #: The newest schema version this code knows; see :data:`_MIGRATIONS`.
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 DEFAULT_SCHEMA: Final = "stackduck"
 
 # Column types, used by COPY's binary format (which needs exact types).
@@ -188,7 +190,7 @@ _UNCLAIMED_RUNNING_SQL: Final = "status = 'running' AND claim_token IS NULL"
 
 # Migrations: (version, description, statements). Never edit a released one;
 # append a new version. ``{jobs}`` is the schema-qualified jobs table,
-# ``{paused}`` the schema-qualified paused_types table.
+# ``{paused}`` the schema-qualified paused_types table, ``{limits}`` type_limits.
 #
 # HOT: a lease-extension heartbeat rewrites a running row changing only
 # lease_expires_at, updated_at and version. PostgreSQL updates a row in place
@@ -301,6 +303,20 @@ _MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
             # lease_expires_at, which is deliberately not indexed.
             'CREATE INDEX jobs_running ON {jobs} (started_at NULLS FIRST, id COLLATE "C") '
             "WHERE " + _UNCLAIMED_RUNNING_SQL,
+        ),
+    ),
+    (
+        6,
+        "type_limits table (rate and concurrency limits), jobs_finished index (retention)",
+        (
+            # tat: the rate's GCRA state for the record-store queue tier,
+            # updated in the claim's transaction under the row's lock.
+            "CREATE TABLE {limits} (job_type text PRIMARY KEY, rate double precision, "
+            "burst integer, max_running integer, tat double precision, "
+            "updated_at double precision)",
+            # Retention deletes finished rows oldest first, in bounded batches.
+            "CREATE INDEX jobs_finished ON {jobs} (completed_at) "
+            "WHERE status IN ('completed', 'cancelled')",
         ),
     ),
 )
@@ -780,6 +796,33 @@ class PostgresBackend:
         self._q_paused = sql.SQL("SELECT job_type FROM {paused} ORDER BY job_type").format(
             paused=paused
         )
+        limits = sql.Identifier(self.schema, "type_limits")
+        # Changing a limit keeps the rate's state (tat): no fresh burst.
+        self._q_set_limit = sql.SQL(
+            "INSERT INTO {limits} (job_type, rate, burst, max_running, updated_at) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (job_type) DO UPDATE SET "
+            "rate = excluded.rate, burst = excluded.burst, max_running = excluded.max_running, "
+            "updated_at = excluded.updated_at, "
+            "tat = CASE WHEN excluded.rate IS NULL THEN NULL ELSE {limits}.tat END"
+        ).format(limits=limits)
+        self._q_clear_limit = sql.SQL("DELETE FROM {limits} WHERE job_type = %s").format(
+            limits=limits
+        )
+        self._q_limits = sql.SQL(
+            "SELECT job_type, rate, burst, max_running FROM {limits} ORDER BY job_type"
+        ).format(limits=limits)
+        # Retention: bounded deletes, oldest first, by an index range scan
+        # (jobs_finished, jobs_dead); rows locked elsewhere are left for later.
+        self._q_prune_finished = sql.SQL(
+            "DELETE FROM {jobs} WHERE id IN (SELECT id FROM {jobs} "
+            "WHERE status IN ('completed', 'cancelled') AND completed_at < %s "
+            "ORDER BY completed_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+        ).format(jobs=jobs)
+        self._q_prune_dead = sql.SQL(
+            "DELETE FROM {jobs} WHERE id IN (SELECT id FROM {jobs} "
+            f"WHERE status = 'failed' AND {_DEAD_AT} < %s "
+            f"ORDER BY {_DEAD_AT} LIMIT %s FOR UPDATE SKIP LOCKED)"
+        ).format(jobs=jobs)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -936,11 +979,12 @@ class PostgresBackend:
             )
         jobs = sql.Identifier(self.schema, "jobs")
         paused = sql.Identifier(self.schema, "paused_types")
+        limits = sql.Identifier(self.schema, "type_limits")
         for version, description, statements in _MIGRATIONS:
             if version <= current:
                 continue
             for statement in statements:
-                conn.execute(sql.SQL(statement).format(jobs=jobs, paused=paused))
+                conn.execute(sql.SQL(statement).format(jobs=jobs, paused=paused, limits=limits))
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (version, description, applied_at) VALUES (%s, %s, %s)"
@@ -1188,6 +1232,28 @@ class PostgresBackend:
         with self._connection("load paused") as (conn, _guard):
             rows: Sequence[tuple[str]] = conn.execute(self._q_paused).fetchall()
         return [job_type for (job_type,) in rows]
+
+    def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        """Record (or remove) a type's limits: one autocommit statement."""
+        job_type = _clean(job_type)
+        with self._connection("set limit") as (conn, _guard):
+            if limit is None:
+                conn.execute(self._q_clear_limit, (job_type,))
+            else:
+                conn.execute(self._q_set_limit, (job_type, *limit_columns(limit), time.time()))
+
+    def load_limits(self) -> dict[str, TypeLimit]:
+        with self._connection("load limits") as (conn, _guard):
+            rows: Sequence[tuple[Any, ...]] = conn.execute(self._q_limits).fetchall()
+        return {str(t): limit_from_columns(r, b, m) for (t, r, b, m) in rows}
+
+    def prune_finished(self, before: float, limit: int) -> int:
+        with self._connection("prune finished") as (conn, _guard):
+            return conn.execute(self._q_prune_finished, (before, limit)).rowcount
+
+    def prune_dead(self, before: float, limit: int) -> int:
+        with self._connection("prune dead") as (conn, _guard):
+            return conn.execute(self._q_prune_dead, (before, limit)).rowcount
 
     def _dead_rows(
         self, job_type: str | None, start: tuple[float, str], n: int, *, ids_only: bool

@@ -39,7 +39,7 @@ import attrs
 import outcome
 import trio
 
-from stackduck_core import Job, Status, merge_chain, writes_over
+from stackduck_core import Job, RateLimit, Status, TypeLimit, merge_chain, writes_over
 from stackduck_core._failover import (
     BackendHealth,
     Health,
@@ -265,6 +265,24 @@ class Backend(Protocol):
         """The paused job types, sorted."""
         ...
 
+    def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        """Record (or with None, remove) the rate/concurrency limits of a type."""
+        ...
+
+    def load_limits(self) -> dict[str, TypeLimit]:
+        """The stored limits, by job type."""
+        ...
+
+    def prune_finished(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` completed or cancelled rows that ended before
+        ``before`` (oldest first); returns how many were deleted."""
+        ...
+
+    def prune_dead(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` dead-lettered rows that died before ``before``
+        (oldest first); returns how many were deleted."""
+        ...
+
     def list_dead(self, job_type: str | None, after: str, limit: int) -> tuple[list[Job], str]:
         """One page of dead-lettered jobs (status ``failed``), in the order they died.
 
@@ -361,7 +379,7 @@ class SqliteBackend:
     """
 
     kind = "sqlite"
-    SCHEMA_VERSION: Final = 5
+    SCHEMA_VERSION: Final = 6
 
     def __init__(self, path: pathlib.Path | str, *, synchronous: str = "FULL") -> None:
         self.path = str(path)
@@ -506,6 +524,24 @@ class SqliteBackend:
                 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (started_at, id)
                     WHERE status = 'running';
                 PRAGMA user_version = 5;
+                COMMIT;
+                """
+            )
+        if version < 6:
+            # Limits per job type; retention prunes finished rows by end time.
+            db.executescript(
+                """
+                BEGIN;
+                CREATE TABLE IF NOT EXISTS type_limits (
+                    job_type TEXT PRIMARY KEY,
+                    rate REAL,
+                    burst INTEGER,
+                    max_running INTEGER,
+                    updated_at REAL
+                );
+                CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (completed_at)
+                    WHERE status IN ('completed', 'cancelled');
+                PRAGMA user_version = 6;
                 COMMIT;
                 """
             )
@@ -654,6 +690,52 @@ class SqliteBackend:
             str(t) for (t,) in self._read("SELECT job_type FROM paused_types ORDER BY job_type")
         ]
 
+    def _write(self, statement: str, params: tuple[object, ...]) -> int:
+        """One autocommit statement of the writer; returns the rows it changed."""
+        db = self.db
+        try:
+            return db.execute(statement, params).rowcount
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise StorageUnavailable(f"SQLite write failed: {exc}") from exc
+
+    def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        if limit is None:
+            self._write("DELETE FROM type_limits WHERE job_type = ?", (job_type,))
+            return
+        rate, burst, max_running = limit_columns(limit)
+        self._write(
+            "INSERT INTO type_limits (job_type, rate, burst, max_running, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(job_type) DO UPDATE SET rate = excluded.rate, "
+            "burst = excluded.burst, max_running = excluded.max_running, "
+            "updated_at = excluded.updated_at",
+            (job_type, rate, burst, max_running, time.time()),
+        )
+
+    def load_limits(self) -> dict[str, TypeLimit]:
+        rows = self._read("SELECT job_type, rate, burst, max_running FROM type_limits")
+        return {str(t): limit_from_columns(r, b, m) for (t, r, b, m) in rows}
+
+    def prune_finished(self, before: float, limit: int) -> int:
+        # jobs_finished (version 6): a range scan, oldest first.
+        return self._write(
+            "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs "
+            "WHERE status IN ('completed', 'cancelled') AND completed_at < ? "
+            "ORDER BY completed_at LIMIT ?)",
+            (before, limit),
+        )
+
+    def prune_dead(self, before: float, limit: int) -> int:
+        # jobs_dead (version 4), spelled as its expression.
+        return self._write(
+            "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs "
+            "WHERE status = 'failed' AND coalesce(completed_at, 0.0) < ? "
+            "ORDER BY coalesce(completed_at, 0.0) LIMIT ?)",
+            (before, limit),
+        )
+
     # The time of death (died_at): the expression the indexes of schema version
     # 4 hold, spelled exactly as there. SQLite does not turn a row value over an
     # indexed expression into a range search, so (dead_at, id) > (?, ?) is
@@ -739,6 +821,24 @@ class SqliteBackend:
         return [row_to_job(row) for row in rows]
 
 
+def limit_columns(limit: TypeLimit) -> tuple[float | None, int | None, int | None]:
+    """``(rate, burst, max_running)`` as stored (NULL: no such limit)."""
+    rate = limit.rate
+    return (
+        None if rate is None else rate.rate,
+        None if rate is None else rate.burst,
+        limit.max_running,
+    )
+
+
+def limit_from_columns(rate: object, burst: object, max_running: object) -> TypeLimit:
+    """A stored limit row back as a :class:`TypeLimit`."""
+    return TypeLimit(
+        rate=None if rate is None else RateLimit(float(rate), int(burst or 1)),  # type: ignore[call-overload]
+        max_running=None if max_running is None else int(max_running),  # type: ignore[call-overload]
+    )
+
+
 class MemoryBackend:
     """A record store that keeps rows in a dict: nothing survives the process."""
 
@@ -748,6 +848,7 @@ class MemoryBackend:
     def __init__(self) -> None:
         self.rows: dict[str, Job] = {}
         self.paused: set[str] = set()
+        self.limits: dict[str, TypeLimit] = {}
         self.fail_next = 0  # tests: number of commits to fail
         self.lose_next = 0  # tests: commits that apply, then fail (a lost COMMIT answer)
 
@@ -816,6 +917,31 @@ class MemoryBackend:
 
     def load_paused(self) -> list[str]:
         return sorted(self.paused)
+
+    def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        if limit is None:
+            self.limits.pop(job_type, None)
+        else:
+            self.limits[job_type] = limit
+
+    def load_limits(self) -> dict[str, TypeLimit]:
+        return dict(self.limits)
+
+    def _prune(self, statuses: tuple[Status, ...], before: float, limit: int) -> int:
+        old = sorted(
+            (job.completed_at or 0.0, job.id)
+            for job in self.rows.values()
+            if job.status in statuses and (job.completed_at or 0.0) < before
+        )
+        for _at, job_id in old[:limit]:
+            del self.rows[job_id]
+        return len(old[:limit])
+
+    def prune_finished(self, before: float, limit: int) -> int:
+        return self._prune((Status.COMPLETED, Status.CANCELLED), before, limit)
+
+    def prune_dead(self, before: float, limit: int) -> int:
+        return self._prune((Status.FAILED,), before, limit)
 
     def _dead_rows(self, job_type: str | None, start: tuple[float, str]) -> list[Job]:
         return sorted(

@@ -34,7 +34,7 @@ import pytest
 import trio
 from psycopg import sql
 
-from stackduck_core import Base, Job, Status
+from stackduck_core import Base, Job, RateLimit, Status, TypeLimit
 from stackduck_core._failover import BackendHealth, BackendRole
 from stackduck_trio._clock import WallClock
 from stackduck_trio._config import ConfigError
@@ -595,6 +595,53 @@ def test_paused_types_round_trip(backend: Backend, reopen: Callable[[Backend], B
         assert again.get("job-1") == make_job(1, job_type="img")
 
 
+def test_limits_round_trip(backend: Backend, reopen: Callable[[Backend], Backend]) -> None:
+    assert backend.load_limits() == {}
+    both = TypeLimit(rate=RateLimit(2.5, 10), max_running=3)
+    backend.set_limit("email", both)
+    backend.set_limit("sms", TypeLimit(max_running=1))
+    backend.set_limit("img", TypeLimit(rate=RateLimit(0.5)))
+    backend.set_limit("img", TypeLimit(rate=RateLimit(100.0, 7)))  # changed
+    backend.set_limit("never", None)  # clearing a type without limits is fine
+    expected = {
+        "email": both,
+        "sms": TypeLimit(max_running=1),
+        "img": TypeLimit(rate=RateLimit(100.0, 7)),
+    }
+    assert backend.load_limits() == expected
+    backend.set_limit("sms", None)
+    del expected["sms"]
+    assert backend.load_limits() == expected
+    again = reopen(backend)
+    assert again.load_limits() == ({} if isinstance(again, MemoryBackend) else expected)
+
+
+def test_prune_deletes_old_finished_and_dead_rows_oldest_first(backend: Backend) -> None:
+    rows = [
+        make_job(1, status=Status.COMPLETED, completed_at=NOW - 300),
+        make_job(2, status=Status.CANCELLED, completed_at=NOW - 200),
+        make_job(3, status=Status.COMPLETED, completed_at=NOW - 100),
+        make_job(4, status=Status.COMPLETED, completed_at=NOW - 1),  # too young
+        make_job(5),  # queued: never pruned
+        make_job(6, status=Status.RUNNING, started_at=NOW, lease_id="l", lease_expires_at=NOW),
+        dead_job("dead-1", NOW - 500),
+        dead_job("dead-2", NOW - 400),
+        dead_job("dead-3", NOW - 5),  # too young
+    ]
+    backend.commit(Batch(rows, ()))
+    assert backend.prune_finished(NOW - 50, 2) == 2  # bounded: the two oldest
+    assert backend.get("job-1") is None and backend.get("job-2") is None
+    assert backend.get("job-3") is not None
+    assert backend.prune_finished(NOW - 50, 100) == 1
+    assert backend.prune_finished(NOW - 50, 100) == 0
+    assert backend.prune_dead(NOW - 50, 1) == 1
+    assert backend.get("dead-1") is None and backend.get("dead-2") is not None
+    assert backend.prune_dead(NOW - 50, 100) == 1
+    assert backend.prune_dead(NOW - 50, 100) == 0
+    left = {job_id for job_id in ("job-4", "job-5", "job-6", "dead-3") if backend.get(job_id)}
+    assert left == {"job-4", "job-5", "job-6", "dead-3"}
+
+
 async def test_group_committer_batches_concurrent_writes(backend: Backend) -> None:
     """Through the real writer: threads for SQLite and PostgreSQL, inline for memory."""
     clock = WallClock()
@@ -1080,7 +1127,7 @@ def test_sqlite_version_1_file_is_migrated_on_open_and_keeps_its_jobs(tmp_path: 
         assert backend.db.execute("PRAGMA user_version").fetchone() == (
             SqliteBackend.SCHEMA_VERSION,
         )
-        assert SqliteBackend.SCHEMA_VERSION == 5
+        assert SqliteBackend.SCHEMA_VERSION == 6
         assert backend.load_active() == [jobs[0], jobs[2]]
         assert backend.get("job-2") == jobs[1]
         assert backend.load_paused() == []
@@ -1134,7 +1181,7 @@ def test_sqlite_file_is_migrated_to_current_and_the_indexes_serve_the_queries(
     backend = SqliteBackend(path)
     backend.open()
     try:
-        assert backend.db.execute("PRAGMA user_version").fetchone() == (5,)
+        assert backend.db.execute("PRAGMA user_version").fetchone() == (6,)
         assert sqlite_indexes(backend.db) == current  # the same schema as a new file
         assert backend.dead_ids(None, 100) == UNDATED_ORDER + DEAD_ORDER
         assert [j.id for j in backend.load_queued("", 10)[0]] == ["job-1", "job-2"]
@@ -1205,6 +1252,7 @@ def test_pg_refuses_a_newer_schema(pg_schema: str) -> None:
 
 # What each PostgreSQL migration added after version 1, undone by rewind_pg_schema.
 _PG_UNDO: dict[int, tuple[str, ...]] = {
+    6: ("DROP TABLE {s}.type_limits", "DROP INDEX {s}.jobs_finished"),
     5: (
         "DROP INDEX {s}.jobs_ready, {s}.jobs_due, {s}.jobs_next_due, {s}.jobs_claims, "
         "{s}.jobs_running",
@@ -1276,7 +1324,7 @@ def test_pg_migrates_a_version_1_schema_and_keeps_its_jobs(pg_schema: str) -> No
         assert again.load_paused() == ["t"]
     finally:
         again.close()
-    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5] == list(range(1, SCHEMA_VERSION + 1))
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5, 6] == list(range(1, SCHEMA_VERSION + 1))
     assert pg_shape(pg_schema) == fresh_pg_shape()
 
 
@@ -1298,7 +1346,7 @@ def test_pg_migrates_a_version_2_schema_to_current_and_keeps_its_jobs(pg_schema:
         assert again.find_key("k") == keyed
     finally:
         again.close()
-    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5]
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5, 6]
     assert pg_shape(pg_schema) == fresh_pg_shape()
 
 
@@ -1316,6 +1364,12 @@ def test_pg_indexes_serve_the_queries(pg_schema: str) -> None:
         assert "jobs_pkey" in str(plan), plan
         plan = admin.execute(b"EXPLAIN " + b._q_find_key.as_bytes(admin), ("x",)).fetchall()
         assert "jobs_idempotency_key" in str(plan), plan
+        for query, index in (
+            (b._q_prune_finished, "jobs_finished"),
+            (b._q_prune_dead, "jobs_dead"),
+        ):
+            plan = admin.execute(b"EXPLAIN " + query.as_bytes(admin), (1.0, 10)).fetchall()
+            assert index in str(plan), plan
 
 
 def test_pg_migrates_a_version_3_schema_to_current_and_keeps_its_jobs(pg_schema: str) -> None:
@@ -1331,7 +1385,7 @@ def test_pg_migrates_a_version_3_schema_to_current_and_keeps_its_jobs(pg_schema:
         assert again.load_queued("", 10) == ([make_job(1)], "")
     finally:
         again.close()
-    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5]
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5, 6]
     _, defs = shape = pg_shape(pg_schema)
     assert shape == fresh_pg_shape()
     # by the time of death (NULL as 0), dead rows only, ids by code point; never updated_at
@@ -1363,7 +1417,7 @@ def test_pg_migrates_a_version_4_schema_to_5_and_keeps_its_jobs(pg_schema: str) 
         assert again.dead_ids(None, 100) == DEAD_ORDER
     finally:
         again.close()
-    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5]
+    assert migrated_versions(pg_schema) == [1, 2, 3, 4, 5, 6]
     columns, defs = shape = pg_shape(pg_schema)
     assert shape == fresh_pg_shape()
     assert columns[-3:] == [
