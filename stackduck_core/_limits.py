@@ -252,7 +252,7 @@ class Limiter:
     def __init__(self) -> None:
         self._limits: dict[str, TypeLimit] = {}
         self._tats: dict[str, float] = {}
-        self.throttled: dict[tuple[str, Held], int] = {}
+        self.throttled: dict[tuple[str, str], int] = {}
 
     def set(self, job_type: str, limit: TypeLimit | None) -> None:
         """Set, change or (None) remove a type's limits.

@@ -667,6 +667,25 @@ class QueueCore:
         self._store(job, None)
         return job
 
+    def dead_before(self, before: float, limit: int) -> list[str]:
+        """Ids of up to ``limit`` dead-lettered jobs that died before ``before``.
+
+        Oldest deaths first (retention purges them). A job's time of death
+        is its ``completed_at``; the order they died in is the order looked
+        at, so the scan stops at the first one young enough to keep.
+        """
+        found: list[str] = []
+        for dead_seq, job_id in self._dead_order:
+            if len(found) >= limit:
+                break
+            if self._dead.get(job_id) != dead_seq:
+                continue  # requeued or purged since
+            # (rows of old versions may lack the time: as the stores, 0)
+            if (self._jobs[job_id].completed_at or 0.0) >= before:
+                break
+            found.append(job_id)
+        return found
+
     def dead(
         self,
         *,
@@ -738,9 +757,12 @@ class QueueCore:
     def tick(self, *, now: float) -> list[Job]:
         """Promote due scheduled jobs and expire leases that ran out.
 
-        After ``tick(now)``, :meth:`next_deadline` is later than ``now``.
+        After ``tick(now)``, :meth:`next_deadline` is later than ``now``
+        (a rate limit's wake-up that came is dropped: the :meth:`dispatch`
+        that follows a tick sets it again if jobs are still held back).
         Returns every changed record, in the order of the changes.
         """
+        self._rate_waits = {t: at for t, at in self._rate_waits.items() if at > now}
         changed: list[Job] = []
         while self._scheduled and self._scheduled[0][0] <= now:
             due, job_id = heapq.heappop(self._scheduled)

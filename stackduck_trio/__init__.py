@@ -39,6 +39,7 @@ from ._client import OutOfRange as OutOfRange
 from ._client import PermissionDenied as PermissionDenied
 from ._client import ResourceExhausted as ResourceExhausted
 from ._client import Stats as Stats
+from ._client import TypeLimits as TypeLimits
 from ._client import TypeStats as TypeStats
 from ._client import Unauthenticated as Unauthenticated
 from ._client import Unavailable as Unavailable

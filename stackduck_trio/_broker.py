@@ -28,12 +28,13 @@ Order of durability:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import attrs
@@ -45,12 +46,15 @@ from stackduck_core import (
     Failed,
     Job,
     JobSpec,
+    Limiter,
     QueueCore,
     QueueStats,
     Rejected,
     RejectReason,
     Released,
     Status,
+    StreamInfo,
+    TypeLimit,
     validate_enqueue,
 )
 from stackduck_core._failover import Durability, EnqueueMode, Route, route
@@ -157,6 +161,9 @@ class Broker:
             (ARCHITECTURE §4): refused (strict), or accepted into an outbox.
     """
 
+    #: Whether this instance's core applies the limits (it sees every start).
+    local_limits = True
+
     def __init__(
         self,
         *,
@@ -183,6 +190,14 @@ class Broker:
         self.draining = False
         #: Prometheus metrics, when the server exposes them
         self.metrics: Metrics | None = None
+        #: Rate and concurrency limits by job type. Here the core applies them
+        #: when jobs start; a shared tier applies them for the whole cluster.
+        self.limiter = Limiter()
+        core.limiter = self.limiter if self.local_limits else None
+        #: Rows deleted by retention (``finished``: completed/cancelled, ``dead``)
+        self.pruned = {"finished": 0, "dead": 0}
+        #: Limits from the configuration (STACKDUCK_LIMITS), stored at start.
+        self.configured_limits: Mapping[str, TypeLimit] = {}
 
     # -- plumbing --------------------------------------------------------------
 
@@ -703,6 +718,40 @@ class Broker:
         except StorageUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 
+    async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        """Set, change or clear a type's limits; returns once they are durable."""
+        async with self._pause_lock:
+            backend = self.committer.backend
+            try:
+                await self.committer.run_blocking(lambda: backend.set_limit(job_type, limit))
+            except StorageUnavailable as exc:
+                raise Unavailable(str(exc)) from exc
+            self.limiter.set(job_type, limit)
+        log.info("limits of %s: %s", job_type, "none" if limit is None else limit.describe())
+        self.changed()
+
+    async def limits(self) -> Mapping[str, TypeLimit]:
+        """The limits in force, by job type."""
+        return self.limiter.limits()
+
+    def throttled(self, job_type: str) -> int:
+        """Times a limit held back jobs of ``job_type`` on this instance."""
+        return sum(n for (t, _held), n in self.limiter.throttled.items() if t == job_type)
+
+    async def _restore_limits(self) -> int:
+        """Load the stored limits, store the configured ones over them; returns the count."""
+        backend = self.committer.backend
+        stored = await self.committer.run_blocking(backend.load_limits)
+        for job_type, limit in self.configured_limits.items():
+            if stored.get(job_type) != limit:
+                await self.committer.run_blocking(
+                    functools.partial(backend.set_limit, job_type, limit)
+                )
+            stored[job_type] = limit
+        for job_type, limit in stored.items():
+            self.limiter.set(job_type, limit)
+        return len(stored)
+
     def restore_paused(self, job_types: Sequence[str]) -> None:
         """Re-apply the stored pauses at start, before anything is delivered."""
         for job_type in job_types:
@@ -736,11 +785,13 @@ class Broker:
         backend = self.committer.backend
         paused = await self.committer.run_blocking(backend.load_paused)
         self.restore_paused(paused)
+        limited = await self._restore_limits()
         jobs = await self.committer.run_blocking(backend.load_active)
         requeued = self.restore(jobs)
         return (
             f"record store {backend.kind}: {len(jobs)} active jobs restored, "
-            f"{requeued} running jobs requeued, {len(paused)} job types paused"
+            f"{requeued} running jobs requeued, {len(paused)} job types paused, "
+            f"{limited} limited"
         )
 
     async def run_tasks(
@@ -765,6 +816,72 @@ class Broker:
             if changed:
                 self._persist(changed)
             self.changed()
+
+    async def run_retention(
+        self, completed: float, dead: float, *, interval: float | None = None, batch: int = 500
+    ) -> None:
+        """Delete completed/cancelled and dead jobs older than their retention
+        (seconds; 0 keeps them), until cancelled.
+
+        A pass runs every ``interval`` seconds: by default a quarter of the
+        shorter retention, between 1 s and 60 s (a row outlives its
+        retention by at most that long).
+        """
+        ages = [age for age in (completed, dead) if age]
+        if not ages:
+            return
+        if interval is None:
+            interval = min(max(min(ages) / 4, 1.0), 60.0)
+        while True:
+            try:
+                await self.prune(completed, dead, batch=batch)
+            except Unavailable as exc:
+                log.warning("retention: %s; next try in %g s", exc, interval)
+            await trio.sleep(interval)
+
+    async def prune(self, completed: float, dead: float, *, batch: int = 500) -> tuple[int, int]:
+        """One retention pass; returns ``(finished, dead)`` rows deleted.
+
+        Bounded batches, with a pause between them, so the record store's
+        writer (and the group commits of the hot path) get their turns.
+        """
+        now = self.clock.now()
+        backend = self.committer.backend
+        finished = dead_n = 0
+        if completed:
+            finished = await self._prune_batches(
+                functools.partial(backend.prune_finished, now - completed), batch
+            )
+        if dead:
+            dead_n = await self._prune_dead(now - dead, batch)
+        if finished or dead_n:
+            log.info("retention: deleted %d finished and %d dead jobs", finished, dead_n)
+        self.pruned["finished"] += finished
+        self.pruned["dead"] += dead_n
+        return finished, dead_n
+
+    async def _prune_batches(self, prune: Callable[[int], int], batch: int) -> int:
+        total = 0
+        while True:
+            try:
+                n = await self.committer.run_blocking(functools.partial(prune, batch))
+            except StorageUnavailable as exc:
+                raise Unavailable(str(exc)) from exc
+            total += n
+            if n < batch:
+                return total
+            await trio.sleep(0.01)
+
+    async def _prune_dead(self, before: float, batch: int) -> int:
+        """Dead letters are in this instance's memory: purged through the core."""
+        total = 0
+        while ids := self.core.dead_before(before, batch):
+            results = await self.purge(ids)
+            total += sum(1 for r in results if isinstance(r, Job))
+            if len(ids) < batch:
+                break
+            await trio.sleep(0.01)
+        return total
 
     async def drain(self, grace: float) -> None:
         """Stop delivering; wait up to ``grace`` for running jobs; requeue the rest."""
@@ -792,6 +909,11 @@ class Broker:
     @property
     def stream_count(self) -> int:
         return len(self._streams)
+
+    def stream_infos(self) -> list[StreamInfo]:
+        """The worker streams attached to this instance (for the dashboard)."""
+        infos = (self.core.dispatcher.stream(sid) for sid in list(self._streams))
+        return [info for info in infos if info is not None]
 
 
 def rejected_to_status(rejected: Rejected) -> tuple[str, str]:

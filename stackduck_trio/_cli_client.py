@@ -6,6 +6,7 @@
     stackduck-trio job 5f0c...            stackduck-trio stats
     stackduck-trio dlq list --type email  stackduck-trio dlq requeue --type email
     stackduck-trio pause email            stackduck-trio resume email
+    stackduck-trio limit email --rate 50 --burst 100 --max-running 10
     stackduck-trio cancel 5f0c...         stackduck-trio worker myapp.jobs:HANDLERS
 
 Every command takes ``--server HOST:PORT`` (default ``$STACKDUCK_SERVER``, else
@@ -129,7 +130,7 @@ async def _job(client: Client, args: argparse.Namespace) -> int:
 def _stats_text(stats: Stats) -> str:
     headers = (
         "TYPE", "P1", "P2", "P3", "SCHEDULED", "RUNNING", "DEAD", "PAUSED", "WORKERS",
-        "COMPLETED", "FAILED", "RETRIED",
+        "COMPLETED", "FAILED", "RETRIED", "LIMITS",
     )  # fmt: skip
     rows = [
         (
@@ -145,6 +146,7 @@ def _stats_text(stats: Stats) -> str:
             t.completed,
             t.failed,
             t.retried,
+            _limits_text(t.rate_limit, t.rate_burst, t.max_running, t.throttled),
         )  # fmt: skip
         for t in stats.types
     ]
@@ -154,6 +156,17 @@ def _stats_text(stats: Stats) -> str:
     if stats.queue_route:
         lines.append(f"route: {stats.queue_route} ({stats.route_reason})")
     return "\n".join(lines)
+
+
+def _limits_text(rate: float, burst: int, max_running: int, throttled: int = 0) -> str:
+    parts = []
+    if rate:
+        parts.append(f"{rate:g}/s burst {burst}")
+    if max_running:
+        parts.append(f"max {max_running} running")
+    if throttled:
+        parts.append(f"throttled {throttled}x")
+    return ", ".join(parts) or "-"
 
 
 async def _stats(client: Client, args: argparse.Namespace) -> int:
@@ -232,6 +245,28 @@ async def _pause(client: Client, args: argparse.Namespace) -> int:
 async def _resume(client: Client, args: argparse.Namespace) -> int:
     await client.resume(args.job_type)
     _say(args, {"job_type": args.job_type, "paused": False}, f"resumed {args.job_type}")
+    return 0
+
+
+async def _limit(client: Client, args: argparse.Namespace) -> int:
+    if args.clear and (args.rate or args.burst or args.max_running):
+        raise ConfigError("limit: --clear takes no other limit")
+    if not args.clear and not (args.rate or args.max_running):
+        raise ConfigError("limit: give --rate and/or --max-running, or --clear")
+    limits = await client.set_limits(
+        args.job_type, rate=args.rate, burst=args.burst, max_running=args.max_running
+    )
+    text = _limits_text(limits.rate, limits.burst, limits.max_running)
+    _say(
+        args,
+        {
+            "job_type": limits.job_type,
+            "rate": limits.rate,
+            "burst": limits.burst,
+            "max_running": limits.max_running,
+        },
+        f"limits of {limits.job_type}: {'none' if text == '-' else text}",
+    )
     return 0
 
 
@@ -478,6 +513,16 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     pause.add_argument("job_type", metavar="TYPE")
     resume = command("resume", _resume, "resume delivering jobs of a type")
     resume.add_argument("job_type", metavar="TYPE")
+    limit = command("limit", _limit, "set a job type's rate and concurrency limits (cluster-wide)")
+    limit.add_argument("job_type", metavar="TYPE")
+    limit.add_argument("--rate", type=float, default=0.0, help="jobs per second that may start")
+    limit.add_argument(
+        "--burst", type=int, default=0, help="jobs that may start at once (needs --rate; 1)"
+    )
+    limit.add_argument(
+        "--max-running", type=int, default=0, help="jobs running at most, across every worker"
+    )
+    limit.add_argument("--clear", action="store_true", help="remove the type's limits")
     cancel = command("cancel", _cancel, "cancel a job that has not finished")
     cancel.add_argument("job_id", metavar="ID")
 

@@ -125,6 +125,7 @@ __all__ = [
     "JobRequest",
     "JobStream",
     "NotFound",
+    "TypeLimits",
     "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
@@ -522,11 +523,25 @@ class TypeStats:
     completed: int
     failed: int
     retried: int
+    rate_limit: float = 0.0
+    rate_burst: int = 0
+    max_running: int = 0
+    throttled: int = 0
 
     @property
     def queued(self) -> int:
         """Ready jobs of every priority."""
         return self.queued_p1 + self.queued_p2 + self.queued_p3
+
+
+@attrs.frozen
+class TypeLimits:
+    """The limits of a job type; 0 means "no such limit"."""
+
+    job_type: str
+    rate: float
+    burst: int
+    max_running: int
 
 
 @attrs.frozen
@@ -620,8 +635,10 @@ class Ack:
         failed: ``False`` completes the job; ``True`` fails it (retry or dead-letter).
         error: The failure message (only with ``failed=True``).
         release: Give the job back unstarted (a stopping worker does this with
-            jobs that arrive after it stopped): the job keeps its place, the
-            delivery is not an attempt, and the stream's prefetch shrinks by one.
+            the jobs it has not started): the job keeps its place, the delivery
+            is not an attempt, and the stream's prefetch drops to the number of
+            jobs the stream still holds un-acked (so it gets no new job until it
+            acks one of those).
     """
 
     job_id: str
@@ -1665,6 +1682,10 @@ class Client:
                     completed=t.completed,
                     failed=t.failed,
                     retried=t.retried,
+                    rate_limit=t.rate_limit,
+                    rate_burst=t.rate_burst,
+                    max_running=t.max_running,
+                    throttled=t.throttled,
                 )
                 for t in response.types
             ),
@@ -1767,6 +1788,40 @@ class Client:
         """Resume delivering jobs of a paused type."""
         await self._unary(
             "ResumeJobType", pb.ResumeJobTypeRequest(job_type=job_type), pb.ResumeJobTypeResponse
+        )
+
+    async def set_limits(
+        self, job_type: str, *, rate: float = 0.0, burst: int = 0, max_running: int = 0
+    ) -> TypeLimits:
+        """Set the rate and concurrency limits of a job type, for the whole cluster.
+
+        Jobs held back by a limit wait in the queue; they are not failed.
+
+        Args:
+            job_type: The type.
+            rate: Jobs per second that may start (0: no rate limit).
+            burst: Jobs that may start at once after a quiet period (needs a
+                rate; 0 means 1).
+            max_running: Jobs of the type running at most, across every
+                worker and server instance (0: no limit).
+
+        Calling with neither ``rate`` nor ``max_running`` clears the limits.
+
+        Raises:
+            InvalidArgument: A value out of range (the message names it).
+        """
+        response = await self._unary(
+            "SetJobTypeLimits",
+            pb.SetJobTypeLimitsRequest(
+                job_type=job_type, rate=rate, burst=burst, max_running=max_running
+            ),
+            pb.SetJobTypeLimitsResponse,
+        )
+        return TypeLimits(
+            job_type=response.job_type,
+            rate=response.rate,
+            burst=response.burst,
+            max_running=response.max_running,
         )
 
     # -- workers ------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Final
 
 import attrs
 
+from stackduck_core import parse_limits
+
 
 class ConfigError(ValueError):
     """A setting has a value that cannot be used; the message says which."""
@@ -32,6 +34,7 @@ class ServerConfig:
     redis_url: str | None = None
     redis_prefix: str = "stackduck"
     queue: str = "auto"
+    http_addr: str = ""
     metrics_addr: str = ""
     tokens: tuple[str, ...] = ()
     tls_cert: str | None = None
@@ -48,6 +51,9 @@ class ServerConfig:
     log_format: str = "human"
     log_level: str = "info"
     log_jobs: str = "off"
+    limits: str = ""
+    retain_completed: float = 86_400.0
+    retain_dead: float = 7 * 86_400.0
 
     @property
     def sqlite_path(self) -> str:
@@ -117,6 +123,24 @@ def _key_prefix(text: str) -> str:
     return text
 
 
+def _limits(text: str) -> str:
+    parse_limits(text)  # raises ValueError naming the bad entry
+    return text
+
+
+_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def _retention(text: str) -> float:
+    """Seconds, or a number with a unit s/m/h/d (``24h``, ``7d``); 0 keeps forever."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:]) if text else None
+    value = float(text[:-1] if unit else text) * (unit or 1.0)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError("must be 0 (keep forever) or a positive duration like 3600, 24h, 7d")
+    return value
+
+
 def _optional(text: str) -> str | None:
     return text or None
 
@@ -169,10 +193,18 @@ SETTINGS: Final = (
         "TIER",
     ),
     Setting(
+        "http_addr",
+        "STACKDUCK_HTTP_ADDR",
+        _metrics_addr,
+        "serve the web dashboard, its JSON API and Prometheus /metrics on "
+        "http://HOST:PORT/ (unset: off)",
+        "HOST:PORT",
+    ),
+    Setting(
         "metrics_addr",
         "STACKDUCK_METRICS_ADDR",
         _metrics_addr,
-        "serve Prometheus metrics on http://HOST:PORT/metrics (unset: off)",
+        "old name of --http-addr / STACKDUCK_HTTP_ADDR (same listener)",
         "HOST:PORT",
     ),
     Setting(
@@ -241,6 +273,29 @@ SETTINGS: Final = (
         "MODE",
     ),
     Setting("log_format", "STACKDUCK_LOG_FORMAT", _choice("human", "json"), "log format", "FMT"),
+    Setting(
+        "limits",
+        "STACKDUCK_LIMITS",
+        _limits,
+        "rate and concurrency limits per job type, applied at start (changeable at run time): "
+        "'email:rate=50,burst=100;reports:max_running=2'",
+        "SPEC",
+    ),
+    Setting(
+        "retain_completed",
+        "STACKDUCK_RETAIN_COMPLETED",
+        _retention,
+        "delete completed and cancelled jobs from the record store this long after they "
+        "ended (seconds or 30m/24h/7d; 0 keeps them forever)",
+        "AGE",
+    ),
+    Setting(
+        "retain_dead",
+        "STACKDUCK_RETAIN_DEAD",
+        _retention,
+        "delete dead-lettered jobs this long after they died (0 keeps them forever)",
+        "AGE",
+    ),
     Setting(
         "log_jobs",
         "STACKDUCK_LOG_JOBS",
@@ -326,4 +381,12 @@ def load_config(
     config = ServerConfig(**values)  # type: ignore[arg-type]
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+    if config.metrics_addr and config.http_addr and config.metrics_addr != config.http_addr:
+        raise ConfigError(
+            f"STACKDUCK_HTTP_ADDR (--http-addr) is {config.http_addr!r} but its old name "
+            f"STACKDUCK_METRICS_ADDR (--metrics-addr) is {config.metrics_addr!r}: "
+            "one HTTP listener serves both, set only one"
+        )
+    if config.metrics_addr and not config.http_addr:
+        config = attrs.evolve(config, http_addr=config.metrics_addr)
     return config

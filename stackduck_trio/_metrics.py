@@ -1,4 +1,4 @@
-"""Prometheus metrics: ``GET /metrics`` on its own HTTP address (``STACKDUCK_METRICS_ADDR``).
+"""Prometheus metrics, served as ``GET /metrics`` by the HTTP listener (``_http``).
 
 Counters and histograms are updated by the broker as things happen (per
 instance: in a cluster, sum them across instances); queue depths, running
@@ -8,8 +8,9 @@ waits on the record store or the queue tier). The registry is this server's
 own (``CollectorRegistry``), not prometheus-client's global one, so several
 servers in one process (tests) do not mix.
 
-The HTTP side is h11 (sans-IO HTTP/1.1) over trio streams: one request per
-connection, bounded in size and time.
+Besides the Prometheus families, plain running totals (:meth:`Metrics.totals`)
+and the delivery waits since the last sample (:meth:`Metrics.take_waits`) feed
+the dashboard's history (``_history``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-import h11
-import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from stackduck_core import Job, QueueStats, Status
+
+from ._history import Totals
 
 if TYPE_CHECKING:
     from ._broker import Broker
@@ -34,6 +35,8 @@ log = logging.getLogger("stackduck.metrics")
 #: Latency buckets (seconds): sub-millisecond to a minute.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _HEALTH = ("healthy", "suspect", "down", "recovering")
+#: Most delivery waits kept between two history samples (beyond: not sampled).
+_MAX_WAITS = 100_000
 
 
 class Metrics:
@@ -79,34 +82,51 @@ class Metrics:
         )  # fmt: skip
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
+        # running totals and recent waits, for the dashboard's history
+        self._enqueued = self._completed = self._failed = 0
+        self._waits: list[float] = []
 
     # -- events (called by the broker) ------------------------------------------------
 
     def on_enqueued(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
             self.enqueued.labels(job.job_type).inc()
+            self._enqueued += 1
 
     def on_delivered(self, jobs: Iterable[Job], now: float) -> None:
         for job in jobs:
+            wait = max(now - max(job.created_at, job.scheduled_at), 0.0)
             self.started.labels(job.job_type).inc()
-            self.wait.labels(job.job_type).observe(
-                max(now - max(job.created_at, job.scheduled_at), 0.0)
-            )
+            self.wait.labels(job.job_type).observe(wait)
+            if len(self._waits) < _MAX_WAITS:
+                self._waits.append(wait)
 
     def on_changed(self, jobs: Iterable[Job]) -> None:
         """Records written: count outcomes (completions, retries, dead letters)."""
         for job in jobs:
             if job.status is Status.COMPLETED:
+                self._completed += 1
                 self.completed.labels(job.job_type).inc()
                 if job.started_at is not None and job.completed_at is not None:
                     self.run.labels(job.job_type).observe(
                         max(job.completed_at - job.started_at, 0.0)
                     )
             elif job.status is Status.FAILED:
+                self._failed += 1
                 self.dead.labels(job.job_type).inc()
 
     def on_retried(self, job_type: str) -> None:
         self.retried.labels(job_type).inc()
+        self._failed += 1
+
+    def totals(self) -> Totals:
+        """Jobs enqueued, completed and failed (retried or dead-lettered) so far."""
+        return Totals(self._enqueued, self._completed, self._failed)
+
+    def take_waits(self) -> list[float]:
+        """The delivery waits (due → delivered, seconds) since the last call."""
+        waits, self._waits = self._waits, []
+        return waits
 
     def on_commit(self, backend: str, seconds: float, *, ok: bool) -> None:
         self.commit.labels(backend, "ok" if ok else "error").observe(seconds)
@@ -116,11 +136,15 @@ class Metrics:
 
     # -- gauges --------------------------------------------------------------------------
 
-    async def refresh(self, broker: Broker) -> None:
-        """Read the broker's state into the snapshot served by scrapes."""
+    async def refresh(self, broker: Broker) -> QueueStats | None:
+        """Read the broker's state into the snapshot served by scrapes; returns the stats read.
+
+        Called once a second by the HTTP listener's sampler task (``_http``).
+        """
         stats: QueueStats | None
         try:
             stats = await broker.statistics()
+            await broker.limits()  # in a cluster: the limits set on any instance
         except Exception as exc:  # noqa: BLE001 - a failed read keeps the last snapshot
             log.debug("metrics refresh failed: %s", exc)
             stats = None
@@ -131,17 +155,10 @@ class Metrics:
             in_flight=dispatch.in_flight,
             backends=broker.backends(),
             route=broker.queue_route(),
+            throttled=dict(broker.limiter.throttled),
+            pruned=dict(broker.pruned),
         )
-
-    async def run_refresher(
-        self, broker: Broker, interval: float = 1.0,
-        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:  # fmt: skip
-        await self.refresh(broker)
-        task_status.started()
-        while True:
-            await trio.sleep(interval)
-            await self.refresh(broker)
+        return stats
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -156,6 +173,8 @@ class _Snapshot(Collector):
         self._in_flight = 0
         self._backends: Sequence[tuple[str, str, str]] = ()
         self._route = ""
+        self._throttled: dict[tuple[str, str], int] = {}
+        self._pruned: dict[str, int] = {}
 
     def update(
         self,
@@ -165,11 +184,15 @@ class _Snapshot(Collector):
         in_flight: int,
         backends: Sequence[tuple[str, str, str]],
         route: str,
+        throttled: dict[tuple[str, str], int] | None = None,
+        pruned: dict[str, int] | None = None,
     ) -> None:
         if stats is not None:
             self._stats = stats
         self._workers, self._in_flight = workers, in_flight
         self._backends, self._route = backends, route
+        self._throttled = throttled or {}
+        self._pruned = pruned or {}
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -210,62 +233,20 @@ class _Snapshot(Collector):
         if self._route:
             route.add_metric([self._route], 1.0)
         yield route
-
-
-# -- HTTP --------------------------------------------------------------------------------
-
-
-async def serve_metrics(
-    metrics: Metrics,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``GET /metrics`` on ``host:port`` until cancelled; reports the bound port."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
-    task_status.started(bound)
-    await trio.serve_listeners(lambda stream: _handle(metrics, stream), listeners)
-
-
-async def _handle(metrics: Metrics, stream: trio.abc.Stream) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
-    try:
-        with trio.move_on_after(10):
-            request: h11.Request | None = None
-            while request is None:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(8192)
-                    conn.receive_data(data)
-                    if not data:
-                        return
-                elif isinstance(event, h11.Request):
-                    request = event
-                else:
-                    return
-            if request.method not in (b"GET", b"HEAD"):
-                status, body, kind = 405, b"only GET\n", b"text/plain"
-            elif request.target.split(b"?")[0] != b"/metrics":
-                status, body, kind = 404, b"see /metrics\n", b"text/plain"
-            else:
-                status, body, kind = 200, metrics.render(), b"text/plain; version=0.0.4"
-            headers = [
-                (b"content-type", kind),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ]
-            out = conn.send(h11.Response(status_code=status, headers=headers))
-            if request.method != b"HEAD":
-                out += conn.send(h11.Data(data=body))
-            out += conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
-    except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client's problem
-    except Exception:
-        # A bug here must not end the metrics listener (or the server with it).
-        log.exception("metrics request failed")
-    finally:
-        await trio.aclose_forcefully(stream)
+        throttled = CounterMetricFamily(
+            "stackduck_jobs_throttled",
+            "Times a rate or concurrency limit held back jobs that workers had room for "
+            "(this instance's dispatch or claims)",
+            labels=["job_type", "limit"],
+        )
+        for (job_type, held), n in sorted(self._throttled.items()):
+            throttled.add_metric([job_type, held], n)
+        yield throttled
+        pruned = CounterMetricFamily(
+            "stackduck_jobs_pruned",
+            "Jobs deleted from the record store by retention (this instance)",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self._pruned.items()):
+            pruned.add_metric([kind], n)
+        yield pruned

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -35,12 +36,18 @@ import psycopg
 import trio
 from psycopg import sql
 
-from stackduck_core import EPOCH, Job, Status
+from stackduck_core import EPOCH, Allowance, Job, Status, TypeLimit
 
 from ._postgres import PostgresBackend
 from ._postgres import _row as job_params
-from ._store import _COLUMNS, StorageUnavailable, row_to_job
-from ._tier import Claim, TierCounts, TierUnavailable
+from ._store import (
+    _COLUMNS,
+    StorageUnavailable,
+    limit_columns,
+    limit_from_columns,
+    row_to_job,
+)
+from ._tier import Claim, Claims, TierCounts, TierUnavailable
 
 _WAITING = (Status.QUEUED, Status.SCHEDULED)
 
@@ -159,7 +166,7 @@ class PostgresTier:
         self._q_unclaim = sql.SQL(
             locked + "UPDATE {jobs} j SET claim_token = NULL, claim_until = NULL, "
             "claim_owner = CASE WHEN locked.back THEN NULL ELSE {settled} END "
-            "FROM locked WHERE j.id = locked.id RETURNING j.id"
+            "FROM locked WHERE j.id = locked.id RETURNING j.id, j.job_type"
         ).format(jobs=jobs, settled=sql.Literal(SETTLED))
         self._q_renew = sql.SQL(
             locked + "UPDATE {jobs} j SET claim_until = %s "
@@ -178,6 +185,21 @@ class PostgresTier:
             "UPDATE {jobs} j SET claim_owner = {removed} FROM locked "
             "WHERE j.id = locked.id RETURNING {qcols}"
         ).format(jobs=jobs, removed=sql.Literal(REMOVED), qcols=qcols)
+        limits = sql.Identifier(self.backend.schema, "type_limits")
+        # Claims of a limited type hold its limits row: one claimer of the
+        # type at a time, so the running count it reads cannot be stale.
+        self._q_limit_lock = sql.SQL(
+            "SELECT rate, burst, max_running, tat FROM {limits} WHERE job_type = %s FOR UPDATE"
+        ).format(limits=limits)
+        self._q_claimed_count = sql.SQL(
+            "SELECT count(*) FROM {jobs} WHERE claim_token IS NOT NULL AND job_type = %s"
+        ).format(jobs=jobs)
+        self._q_set_tat = sql.SQL("UPDATE {limits} SET tat = %s WHERE job_type = %s").format(
+            limits=limits
+        )
+        self._q_running_limited = sql.SQL(
+            "SELECT job_type FROM {limits} WHERE job_type = ANY(%s) AND max_running IS NOT NULL"
+        ).format(limits=limits)
         self._q_pause = sql.SQL(
             "INSERT INTO {paused} (job_type, paused_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
         ).format(paused=paused)
@@ -252,9 +274,9 @@ class PostgresTier:
 
     async def claim(
         self, job_type: str, limit: int, *, now: float, owner: str, token: str, until: float
-    ) -> list[Claim]:
+    ) -> Claims:
         if limit <= 0:
-            return []
+            return Claims()
         params = {
             "type": job_type,
             "limit": limit,
@@ -264,13 +286,29 @@ class PostgresTier:
             "until": until,
         }
 
-        def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-            return conn.execute(self._q_claim, params).fetchall()
+        def claim(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], Allowance | None]:
+            row = conn.execute(self._q_limit_lock, (job_type,)).fetchone()
+            if row is None:
+                return conn.execute(self._q_claim, params).fetchall(), None
+            rules = limit_from_columns(row[0], row[1], row[2])
+            tat = None if row[3] is None else float(row[3])
+            counted = conn.execute(self._q_claimed_count, (job_type,)).fetchone()
+            running = int(counted[0]) if counted else 0
+            allowance = rules.decide(limit, tat=tat, now=now, running=running)
+            if not allowance.granted:
+                return [], allowance
+            rows = conn.execute(self._q_claim, {**params, "limit": allowance.granted}).fetchall()
+            if rules.rate is not None and rows:
+                conn.execute(self._q_set_tat, (rules.taken(len(rows), tat=tat, now=now), job_type))
+            return rows, allowance
 
-        rows = await self._run("claim", claim)
+        rows, allowance = await self._run("claim", claim)
         # RETURNING has no order: sort by the placement the query picked by.
         rows.sort(key=lambda r: (r[-2], r[-1], r[0]))
-        return [Claim(row_to_job(r[: len(_COLUMNS)]), token, owner, until) for r in rows]
+        claims = (Claim(row_to_job(r[: len(_COLUMNS)]), token, owner, until) for r in rows)
+        if allowance is None or (rows and len(rows) < allowance.granted):
+            return Claims(claims)  # nothing held back: fewer were ready
+        return Claims.limited(claims, allowance.held, allowance.retry_at)
 
     async def settle(self, items: Sequence[tuple[str, str, Job | None]]) -> list[bool]:
         if not items:
@@ -282,6 +320,7 @@ class PostgresTier:
             back_flags = [r is not None and r.status in _WAITING for _, _, r in items]
             rows = conn.execute(self._q_unclaim, (ids, tokens, back_flags)).fetchall()
             done = {r[0] for r in rows}
+            ended_types = sorted({r[1] for r in rows})
             back = [
                 record
                 for job_id, _, record in items
@@ -290,6 +329,10 @@ class PostgresTier:
                 and record.status in (Status.QUEUED, Status.SCHEDULED)
             ]
             _, woken = self._push_rows(conn, back)
+            if ended_types:
+                # room for one more of a type with a concurrency limit
+                limited = conn.execute(self._q_running_limited, (ended_types,)).fetchall()
+                woken.update(r[0] for r in limited)
             self._notify(conn, woken)
             return _first_hits(done, [job_id for job_id, _, _ in items])
 
@@ -337,6 +380,21 @@ class PostgresTier:
                 self._notify(conn, {job_type})
 
         await self._run("pause" if paused else "resume", pause)
+
+    async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        """The limits live in the record store's type_limits table (where the
+        broker has written them already: the same write again, idempotent),
+        then wake the instances: a looser limit may let jobs go now."""
+        backend = self.backend
+
+        def store(conn: psycopg.Connection[Any]) -> None:
+            if limit is None:
+                conn.execute(backend._q_clear_limit, (job_type,))
+            else:
+                conn.execute(backend._q_set_limit, (job_type, *limit_columns(limit), time.time()))
+            self._notify(conn, {job_type})
+
+        await self._run("set limit", store)
 
     async def paused(self) -> frozenset[str]:
         def paused(conn: psycopg.Connection[Any]) -> frozenset[str]:

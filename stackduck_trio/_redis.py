@@ -28,6 +28,14 @@ Key layout (everything under ``{prefix}:``, default prefix ``stackduck``)
         job types that may have a ready set (for :meth:`RedisTier.counts`).
     ``{prefix}:paused`` SET
         paused job types.
+    ``{prefix}:limits`` HASH
+        job type -> JSON ``[interval, burst, max_running]`` of its limits
+        (interval = 1/rate as exact text, or ``""`` without a rate; 0 =
+        no concurrency limit).
+    ``{prefix}:tat:{job_type}`` STRING
+        the rate's GCRA state (theoretical arrival time, ``%.17g`` text).
+    ``{prefix}:claimed:{job_type}`` SET
+        ids of the type's claimed jobs (the running count of its limit).
     ``{prefix}:ready`` pub/sub channel (not a key)
         a job type after jobs of that type became ready (push, settle back,
         resume), ``""`` after the schedule changed.
@@ -45,6 +53,10 @@ Numbers
     ``repr(float)`` text, which round-trips exactly; Redis parses it with
     ``strtod`` and compares numerically (``ZRANGE ... BYSCORE``). Lua copies
     these values, it never computes one, and never reads Redis ``TIME``.
+    The one exception is the rate limit's state: the claim script mirrors
+    :func:`stackduck_core.gcra_allowance` and the TAT update of
+    :func:`stackduck_core.gcra` operation for operation, on the same doubles
+    (a test compares them bit for bit).
 
 Failures
     The client is built with retries disabled (``Retry(NoBackoff(), 0)``):
@@ -86,10 +98,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from stackduck_core import Job, Status, placement
+from stackduck_core import Job, Status, TypeLimit, placement
 from stackduck_core._ordering import SEQ_BITS
 
-from ._tier import Claim, TierCounts, TierUnavailable
+from ._tier import Claim, Claims, TierCounts, TierUnavailable
 
 __all__ = ["RedisTier", "job_from_json", "job_to_json", "open_redis_tier"]
 
@@ -159,15 +171,22 @@ def _safe_url(url: str) -> str:
 # -- Lua ---------------------------------------------------------------------------------
 
 # Every script gets the same KEYS and ARGV[1] = prefix, ARGV[2] = channel.
-_KEY_NAMES: Final = ("job", "type", "score", "scheduled", "claim", "claims", "types", "paused")
+_KEY_NAMES: Final = (
+    "job", "type", "score", "scheduled", "claim", "claims", "types", "paused", "limits",
+)  # fmt: skip
 
 _PRELUDE: Final = """
 local K_JOB, K_TYPE, K_SCORE, K_SCHED = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_CLAIM, K_CLAIMS, K_TYPES, K_PAUSED = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_LIMITS = KEYS[9]
 local PREFIX, CHANNEL = ARGV[1], ARGV[2]
 
 local function ready_key(job_type)
   return PREFIX .. ':ready:' .. job_type
+end
+
+local function claimed_key(job_type)
+  return PREFIX .. ':claimed:' .. job_type
 end
 
 -- Remove a job from wherever it is (ready, scheduled or claimed).
@@ -175,6 +194,7 @@ local function unlink(id)
   local job_type = redis.call('HGET', K_TYPE, id)
   if job_type then
     redis.call('ZREM', ready_key(job_type), id)
+    redis.call('SREM', claimed_key(job_type), id)
   end
   redis.call('ZREM', K_SCHED, id)
   redis.call('ZREM', K_CLAIMS, id)
@@ -210,6 +230,24 @@ local function publish(woken)
   end
 end
 
+-- stackduck_core.gcra_allowance and its conformance test, step for step.
+local ROUNDING = 2 ^ -50
+
+local function conforms(tat, now, interval, burst, cost)
+  local new_tat = math.max(tat, now) + cost * interval
+  local allow_at = new_tat - burst * interval
+  return allow_at <= now + math.max(math.abs(now), math.abs(new_tat)) * ROUNDING
+end
+
+local function gcra_allowance(tat, now, interval, burst)
+  local level = (now - math.max(tat, now)) / interval
+  local k = math.min(math.max(math.floor(level) + burst - 1, 0), burst)
+  while k < burst and conforms(tat, now, interval, burst, k + 1) do
+    k = k + 1
+  end
+  return k
+end
+
 local function claim_token(id)
   local info = redis.call('HGET', K_CLAIM, id)
   if not info then
@@ -236,7 +274,8 @@ return added
 """
 
 # ARGV: 3 job_type, 4 limit, 5 now, 6 until, 7 claim info JSON, 8 promote limit.
-# Returns the records taken, best first.
+# Returns {records taken (best first), limit that held jobs back ('' none), the
+# rate's TAT after the claim ('' without a rate), its interval text, its burst}.
 _CLAIM: Final = """
 local due = redis.call('ZRANGE', K_SCHED, '-inf', ARGV[5], 'BYSCORE', 'LIMIT', 0, ARGV[8])
 for _, id in ipairs(due) do
@@ -247,19 +286,55 @@ for _, id in ipairs(due) do
   redis.call('ZADD', ready_key(job_type), score, id)
   redis.call('SADD', K_TYPES, job_type)
 end
+local job_type = ARGV[3]
 local limit = tonumber(ARGV[4])
-if limit <= 0 or redis.call('SISMEMBER', K_PAUSED, ARGV[3]) == 1 then
-  return {}
+if limit <= 0 or redis.call('SISMEMBER', K_PAUSED, job_type) == 1 then
+  return {{}, '', '', '', 0}
 end
-local popped = redis.call('ZPOPMIN', ready_key(ARGV[3]), limit)
+local held, tat_text = '', ''
+local rules = redis.call('HGET', K_LIMITS, job_type)
+local interval, burst, tat, now
+if rules then
+  -- TypeLimit.decide, with the type's claims as its running count
+  rules = cjson.decode(rules)
+  local want = math.min(limit, redis.call('ZCARD', ready_key(job_type)))
+  limit = want
+  if rules[3] > 0 then
+    local room = math.max(rules[3] - redis.call('SCARD', claimed_key(job_type)), 0)
+    if room < limit then
+      limit, held = room, 'running'
+    end
+  end
+  if rules[1] ~= '' then
+    interval, burst, now = tonumber(rules[1]), rules[2], tonumber(ARGV[5])
+    tat = tonumber(redis.call('GET', PREFIX .. ':tat:' .. job_type) or ARGV[5])
+    local tokens = gcra_allowance(tat, now, interval, burst)
+    if tokens < limit then
+      limit, held = tokens, 'rate'
+    end
+  end
+end
+local popped = {}
+if limit > 0 then
+  popped = redis.call('ZPOPMIN', ready_key(job_type), limit)
+end
 local records = {}
 for i = 1, #popped, 2 do
   local id = popped[i]
   redis.call('ZADD', K_CLAIMS, ARGV[6], id)
   redis.call('HSET', K_CLAIM, id, ARGV[7])
+  redis.call('SADD', claimed_key(job_type), id)
   records[#records + 1] = redis.call('HGET', K_JOB, id)
 end
-return records
+if interval then
+  -- gcra()'s new TAT for the jobs taken (none taken: unchanged)
+  if #records > 0 then
+    tat = math.max(tat, now) + #records * interval
+    redis.call('SET', PREFIX .. ':tat:' .. job_type, string.format('%.17g', tat))
+  end
+  tat_text = string.format('%.17g', tat)
+end
+return {records, held, tat_text, rules and rules[1] or '', rules and rules[2] or 0}
 """
 
 # ARGV[3..]: groups of (id, token, kind, type, score, due, record); kind 'x' removes.
@@ -271,6 +346,11 @@ for i = 3, #ARGV, 7 do
   local id = ARGV[i]
   local info = claim_token(id)
   if info and info[1] == ARGV[i + 1] then
+    local job_type = redis.call('HGET', K_TYPE, id)
+    local rules = job_type and redis.call('HGET', K_LIMITS, job_type)
+    if rules and cjson.decode(rules)[3] > 0 then
+      woken[job_type] = true  -- room for one more under its concurrency limit
+    end
     unlink(id)
     if ARGV[i + 2] ~= 'x' then
       place(id, ARGV[i + 3], ARGV[i + 2], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], woken)
@@ -328,6 +408,21 @@ for i = 3, #ARGV do
   out[#out + 1] = record
 end
 return out
+"""
+
+# ARGV: 3 job_type, 4 limits JSON ('' removes them), 5 '1' to forget the rate's state.
+# Publishes the type (a looser limit may let jobs go now).
+_SET_LIMIT: Final = """
+if ARGV[4] == '' then
+  redis.call('HDEL', K_LIMITS, ARGV[3])
+else
+  redis.call('HSET', K_LIMITS, ARGV[3], ARGV[4])
+end
+if ARGV[5] == '1' then
+  redis.call('DEL', PREFIX .. ':tat:' .. ARGV[3])
+end
+redis.call('PUBLISH', CHANNEL, ARGV[3])
+return 1
 """
 
 # ARGV: 3 job_type, 4 '1' to pause / '0' to resume (resuming publishes the type).
@@ -483,6 +578,7 @@ class RedisTier:
                     ("expired", _EXPIRED),
                     ("remove", _REMOVE),
                     ("set_paused", _SET_PAUSED),
+                    ("set_limit", _SET_LIMIT),
                     ("counts", _COUNTS),
                 )
             }
@@ -530,7 +626,7 @@ class RedisTier:
 
     async def claim(
         self, job_type: str, limit: int, *, now: float, owner: str, token: str, until: float
-    ) -> list[Claim]:
+    ) -> Claims:
         """One script: promote due jobs, pop the best ``limit``, record the claims.
 
         Popping and recording in one script is what makes a claim safe: no
@@ -541,8 +637,15 @@ class RedisTier:
         """
         info = json.dumps([token, owner, _num(until)])
         args = [job_type, str(int(limit)), _num(now), _num(until), info, str(PROMOTE_LIMIT)]
-        records = await self._script("claim", args)
-        return [Claim(job_from_json(record), token, owner, until) for record in records]
+        records, held, tat_text, interval_text, burst = await self._script("claim", args)
+        claims = (Claim(job_from_json(record), token, owner, until) for record in records)
+        retry_at: float | None = None
+        if held == "rate":
+            # when one more token conforms (approximately: a caller that comes
+            # back a hair early is told a new time)
+            interval = float(interval_text)
+            retry_at = max(float(tat_text), now) + interval - int(burst) * interval
+        return Claims.limited(claims, held or None, retry_at)
 
     async def settle(self, items: Sequence[tuple[str, str, Job | None]]) -> list[bool]:
         """One script: check each token, then remove or re-place the job, then publish."""
@@ -588,6 +691,18 @@ class RedisTier:
     async def set_paused(self, job_type: str, paused: bool) -> None:
         """One script, so that a resume and its wake-up are one step."""
         await self._script("set_paused", [job_type, "1" if paused else "0"])
+
+    async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        """One script: store the limits (and forget the rate's state without a rate)."""
+        if limit is None:
+            text, forget = "", "1"
+        else:
+            rate = limit.rate
+            interval = "" if rate is None else _num(rate.emission_interval)
+            burst = 0 if rate is None else rate.burst
+            text = json.dumps([interval, burst, limit.max_running or 0])
+            forget = "1" if rate is None else "0"
+        await self._script("set_limit", [job_type, text, forget])
 
     async def paused(self) -> frozenset[str]:
         client = self._require_client("paused")

@@ -26,7 +26,7 @@ import ssl
 
 import trio
 
-from stackduck_core import LifecyclePolicy, Limits, QueueCore
+from stackduck_core import LifecyclePolicy, Limits, QueueCore, parse_limits
 from stackduck_core._failover import BackendHealth, BackendRole, Durability
 
 from ._broker import Broker, new_id
@@ -196,6 +196,7 @@ async def _serve(
             owner=new_id(),
             claim_seconds=config.lease_seconds,
         )
+    broker.configured_limits = parse_limits(config.limits)
     await committer.run_blocking(backend.open)
     try:
         async with trio.open_nursery() as root:
@@ -203,8 +204,14 @@ async def _serve(
             log.info("%s", await broker.prepare())
             async with trio.open_nursery() as services:
                 await services.start(broker.run_tasks)
-                if config.metrics_addr:
-                    from ._metrics import Metrics, serve_metrics  # prometheus loads only when used
+                services.start_soon(
+                    broker.run_retention, config.retain_completed, config.retain_dead
+                )
+                http_addr = config.http_addr or config.metrics_addr
+                if http_addr:
+                    # dashboard, JSON API and /metrics; prometheus loads only when used
+                    from ._http import HttpApp, serve_http
+                    from ._metrics import Metrics
 
                     metrics = Metrics()
                     broker.metrics = metrics
@@ -212,11 +219,10 @@ async def _serve(
                     committer.on_commit_time = lambda seconds, ok: metrics.on_commit(
                         kind, seconds, ok=ok
                     )
-                    await services.start(metrics.run_refresher, broker)
-                    host, _, metrics_port = config.metrics_addr.rpartition(":")
-                    await services.start(
-                        serve_metrics, metrics, host.strip("[]"), int(metrics_port)
-                    )
+                    app = HttpApp(broker, metrics, tokens=config.tokens)
+                    await services.start(app.run_sampler)
+                    host, _, http_port = http_addr.rpartition(":")
+                    await services.start(serve_http, app, host.strip("[]"), int(http_port))
                 methods = {
                     **method_table(
                         stackduck_pb2.DESCRIPTOR.services_by_name["StackDuckService"],

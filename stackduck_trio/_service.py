@@ -22,6 +22,7 @@ from stackduck_core import (
     Job,
     Limits,
     Rejected,
+    limit_from_wire,
     validate_job_type,
     validate_lease_seconds,
     validate_prefetch,
@@ -359,14 +360,20 @@ class StackDuckService:
 
     async def GetStats(self, request: pb.GetStatsRequest, ctx: CallContext) -> pb.GetStatsResponse:
         stats = await self._call(self.broker.statistics())
+        limits = await self._call(self.broker.limits())
         streams = self.broker.core.dispatcher.statistics()
         names = sorted(
-            stats.types.keys() | self.broker.counters.keys() | streams.streams_by_type.keys()
+            stats.types.keys()
+            | self.broker.counters.keys()
+            | streams.streams_by_type.keys()
+            | limits.keys()
         )
         types = []
         for name in names:
             t = stats.types.get(name)
             c = self.broker.counters.get(name)
+            limit = limits.get(name)
+            rate = limit.rate if limit else None
             types.append(
                 pb.TypeStats(
                     job_type=name,
@@ -381,6 +388,10 @@ class StackDuckService:
                     completed=c.completed if c else 0,
                     failed=c.failed if c else 0,
                     retried=c.retried if c else 0,
+                    rate_limit=rate.rate if rate else 0.0,
+                    rate_burst=rate.burst if rate else 0,
+                    max_running=(limit.max_running or 0) if limit else 0,
+                    throttled=self.broker.throttled(name),
                 )
             )
         return pb.GetStatsResponse(
@@ -409,6 +420,27 @@ class StackDuckService:
         _check_type(request.job_type, self.broker.core.limits)
         await self._call(self.broker.resume(request.job_type))
         return pb.ResumeJobTypeResponse(paused=False)
+
+    async def SetJobTypeLimits(
+        self, request: pb.SetJobTypeLimitsRequest, ctx: CallContext
+    ) -> pb.SetJobTypeLimitsResponse:
+        limit = limit_from_wire(
+            request.job_type,
+            request.rate,
+            request.burst,
+            request.max_running,
+            self.broker.core.limits,
+        )
+        if isinstance(limit, Rejected):
+            raise RpcError(StatusCode.INVALID_ARGUMENT, limit.message)
+        await self._call(self.broker.set_limit(request.job_type, limit))
+        rate = limit.rate if limit else None
+        return pb.SetJobTypeLimitsResponse(
+            job_type=request.job_type,
+            rate=rate.rate if rate else 0.0,
+            burst=rate.burst if rate else 0,
+            max_running=(limit.max_running or 0) if limit else 0,
+        )
 
     # -- helpers ---------------------------------------------------------------------
 

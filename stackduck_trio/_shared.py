@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import trio
@@ -65,6 +65,7 @@ from stackduck_core import (
     Route,
     StartReconcile,
     Status,
+    TypeLimit,
     TypeStats,
     recover_claim,
     route,
@@ -80,7 +81,7 @@ from stackduck_core._failover import (
 
 from ._broker import Broker, Unavailable, new_id
 from ._store import StorageUnavailable, Written, dead_page_token
-from ._tier import Claim, TierUnavailable
+from ._tier import Claims, TierUnavailable
 from ._tier import QueueTier as Tier
 
 log = logging.getLogger("stackduck.shared")
@@ -112,6 +113,9 @@ class SharedBroker(Broker):
             jobs nobody manages any more (see :meth:`sweep`).
         Other arguments: as :class:`Broker`.
     """
+
+    #: The tier applies the limits, for every instance at once.
+    local_limits = False
 
     def __init__(
         self,
@@ -149,6 +153,8 @@ class SharedBroker(Broker):
         self.committer.on_health = self._store_health
         #: jobs claimed, claims reaped, orphans swept (for tests and logs)
         self.claimed = 0
+        # job type -> when the tier's rate limit lets its next job go
+        self._rate_waits: dict[str, float] = {}
         self.dropped_settles = 0
         self.reaped = 0
         self.swept = 0
@@ -310,7 +316,7 @@ class SharedBroker(Broker):
                 pass
         return await super().claim(job_type, worker_id=worker_id, lease_seconds=lease_seconds)
 
-    async def _claim(self, tier: Tier, job_type: str, limit: int) -> list[Claim]:
+    async def _claim(self, tier: Tier, job_type: str, limit: int) -> Claims:
         now = self.clock.now()
         claims = await self._call(
             functools.partial(
@@ -324,6 +330,13 @@ class SharedBroker(Broker):
             ),
             tier,
         )
+        if claims.held is not None:
+            key = (job_type, claims.held)
+            self.limiter.throttled[key] = self.limiter.throttled.get(key, 0) + 1
+        if claims.retry_at is not None:
+            self._rate_waits[job_type] = claims.retry_at
+        else:
+            self._rate_waits.pop(job_type, None)
         admitted_at = self.clock.now()
         for claim in claims:
             job = claim.job
@@ -533,6 +546,40 @@ class SharedBroker(Broker):
         self._return_excess()
         self._feed_wakeup.set()
 
+    async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        await super().set_limit(job_type, limit)
+        # The record store has them (the truth, applied to the tier again at
+        # every start and reconcile); the tier applies them to every claim.
+        for tier in (self.tier, self.fallback):
+            if tier is None:
+                continue
+            try:
+                await self._call(functools.partial(tier.set_limit, job_type, limit), tier)
+            except TierUnavailable as exc:
+                log.warning("queue tier limits of %r not applied yet: %s", job_type, exc)
+        self._feed_wakeup.set()
+
+    async def limits(self) -> Mapping[str, TypeLimit]:
+        """The cluster's limits, as the record store has them (set on any instance)."""
+        try:
+            stored = await self._blocking(self.committer.backend.load_limits)
+        except Unavailable:
+            return self.limiter.limits()
+        for job_type in set(self.limiter.limits()) - set(stored):
+            self.limiter.set(job_type, None)
+        for job_type, limit in stored.items():
+            self.limiter.set(job_type, limit)
+        return self.limiter.limits()
+
+    async def _prune_dead(self, before: float, batch: int) -> int:
+        """Dead letters are only in the record store here."""
+        backend = self.committer.backend
+        return await self._prune_batches(functools.partial(backend.prune_dead, before), batch)
+
+    async def _tier_limits(self, tier: Tier) -> None:
+        for job_type, limit in sorted(self.limiter.limits().items()):
+            await self._call(functools.partial(tier.set_limit, job_type, limit), tier)
+
     async def statistics(self) -> QueueStats:
         """Queued: the cluster's (from the tier); scheduled and dead: the
         record store's; running and streams: this instance's."""
@@ -583,10 +630,15 @@ class SharedBroker(Broker):
                 await self._call(functools.partial(self.tier.set_paused, job_type, True), self.tier)
             except TierUnavailable:
                 break  # applied again by the reconcile
+        limited = await self._restore_limits()
+        try:
+            await self._tier_limits(self.tier)
+        except TierUnavailable:
+            pass  # applied again by the reconcile
         fallback = f", fallback {self.fallback.kind}" if self.fallback else ""
         return (
             f"record store {backend.kind}, queue tier {self.tier.kind}{fallback} "
-            f"(instance {self.owner}): {len(paused)} job types paused"
+            f"(instance {self.owner}): {len(paused)} job types paused, {limited} limited"
         )
 
     async def run_tasks(
@@ -636,6 +688,11 @@ class SharedBroker(Broker):
                 # (A due time already past is a job nobody here wants yet: the
                 # record-store tier keeps reporting it; no busy loop on it.)
                 timeout = min(timeout, self._next_due - now)
+            # a type held back by its rate limit: claim again when it allows
+            # (a time that came was served by the last pass: dropped, no spin)
+            self._rate_waits = {t: at for t, at in self._rate_waits.items() if at > now}
+            if self._rate_waits:
+                timeout = min(timeout, min(self._rate_waits.values()) - now)
             with trio.move_on_after(timeout):
                 await self._feed_wakeup.wait()
             self._feed_wakeup = trio.Event()
@@ -918,6 +975,8 @@ class SharedBroker(Broker):
             return 0  # the record store is the tier: nothing to repair
         for job_type in sorted(self.core.paused):
             await self._call(functools.partial(tier.set_paused, job_type, True), tier)
+        await self.limits()  # the record store's, set on any instance
+        await self._tier_limits(tier)
         local = [
             job
             for job_type in self._ready_types()

@@ -26,13 +26,14 @@ implementation of the contract (one process only); the conformance suite
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import attrs
 import trio
 
-from stackduck_core import Job, Status, placement
+from stackduck_core import Job, Status, TypeLimit, placement
 
 
 @attrs.frozen
@@ -52,6 +53,26 @@ class Claim:
     token: str
     owner: str
     until: float
+
+
+class Claims(list[Claim]):
+    """The claims a :meth:`QueueTier.claim` took, best first.
+
+    Attributes:
+        held: which limit of the type held back jobs that were asked for
+            (``"rate"`` or ``"running"``), or ``None``.
+        retry_at: when the rate limit lets the next job go, if it held some.
+    """
+
+    held: str | None = None
+    retry_at: float | None = None
+
+    @classmethod
+    def limited(cls, claims: Iterable[Claim], held: str | None, retry_at: float | None) -> Claims:
+        out = cls(claims)
+        out.held = held
+        out.retry_at = retry_at
+        return out
 
 
 @attrs.frozen
@@ -102,8 +123,14 @@ class QueueTier(Protocol):
 
     async def claim(
         self, job_type: str, limit: int, *, now: float, owner: str, token: str, until: float
-    ) -> list[Claim]:
+    ) -> Claims:
         """Take up to ``limit`` ready jobs of ``job_type``, best first.
+
+        The type's limits (:meth:`set_limit`) apply here, for every instance
+        at once: no more are taken than ``TypeLimit.decide`` allows, given
+        the type's claims (its jobs running, or about to) as the running
+        count and the rate's state kept in the tier; the result says which
+        limit held jobs back and when the rate allows more.
 
         Scheduled jobs that are due at ``now`` are claimable like ready
         ones, at their placement's ready score. (Memory and Redis first move
@@ -141,6 +168,14 @@ class QueueTier(Protocol):
     async def set_paused(self, job_type: str, paused: bool) -> None: ...
 
     async def paused(self) -> frozenset[str]: ...
+
+    async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        """Set (or with None, remove) the limits every claim of ``job_type`` obeys.
+
+        Changing a limit keeps the rate's state. Idempotent. While a type
+        has a concurrency limit, the end of one of its claims wakes the
+        instances waiting for that type (room for one more)."""
+        ...
 
     async def next_due(self) -> float | None:
         """The earliest due time among scheduled jobs, or ``None`` (it may be past:
@@ -182,6 +217,9 @@ class MemoryTier:
         self._claims: list[tuple[float, str]] = []
         self._paused: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
+        self._limits: dict[str, TypeLimit] = {}
+        self._tats: dict[str, float] = {}
+        self._claimed: Counter[str] = Counter()  # claims per job type
 
     async def open(self) -> None:
         return None
@@ -201,6 +239,7 @@ class MemoryTier:
             lst = self._scheduled
         else:
             lst = self._claims
+            self._claimed[entry.job.job_type] -= 1
         lst.pop(bisect.bisect_left(lst, entry.key))
         del self._entries[entry.job.id]
 
@@ -250,14 +289,28 @@ class MemoryTier:
 
     async def claim(
         self, job_type: str, limit: int, *, now: float, owner: str, token: str, until: float
-    ) -> list[Claim]:
+    ) -> Claims:
         self._promote(now)
         if job_type in self._paused or limit <= 0:
-            return []
+            return Claims()
         ready = self._ready.get(job_type, [])
+        rules = self._limits.get(job_type)
+        held: str | None = None
+        retry_at: float | None = None
+        if rules is not None:
+            want = min(limit, len(ready))
+            allowance = rules.decide(
+                want, tat=self._tats.get(job_type), now=now, running=self._claimed[job_type]
+            )
+            limit, held, retry_at = allowance.granted, allowance.held, allowance.retry_at
         taken = ready[:limit]
         del ready[:limit]
-        claims: list[Claim] = []
+        if rules is not None and taken:
+            tat = rules.taken(len(taken), tat=self._tats.get(job_type), now=now)
+            if tat is not None:
+                self._tats[job_type] = tat
+        self._claimed[job_type] += len(taken)
+        claims = Claims.limited((), held, retry_at)
         for _score, job_id in taken:
             entry = self._entries.pop(job_id)
             claim = Claim(entry.job, token, owner, until)
@@ -280,6 +333,9 @@ class MemoryTier:
                 kind = self._place(record)
                 if kind is not None:
                     woken.add(kind)
+            rules = self._limits.get(entry.job.job_type)
+            if rules is not None and rules.max_running is not None:
+                woken.add(entry.job.job_type)  # room for one more
             results.append(True)
         self._notify(sorted(woken))
         return results
@@ -296,6 +352,7 @@ class MemoryTier:
             bisect.insort(self._claims, key)
             claim = attrs.evolve(entry.claim, until=until)
             self._entries[job_id] = _Entry(entry.job, "claimed", key, claim)
+            self._claimed[entry.job.job_type] += 1  # (the unlink counted it out)
             results.append(True)
         return results
 
@@ -329,6 +386,15 @@ class MemoryTier:
 
     async def paused(self) -> frozenset[str]:
         return frozenset(self._paused)
+
+    async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        if limit is None:
+            self._limits.pop(job_type, None)
+        else:
+            self._limits[job_type] = limit
+        if limit is None or limit.rate is None:
+            self._tats.pop(job_type, None)
+        self._notify([job_type])  # a looser limit may let jobs go now
 
     async def next_due(self) -> float | None:
         return self._scheduled[0][0] if self._scheduled else None

@@ -329,7 +329,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TypeStats(_message.Message):
-    __slots__ = ("job_type", "queued_p1", "queued_p2", "queued_p3", "scheduled", "running", "dead", "paused", "workers", "completed", "failed", "retried")
+    __slots__ = ("job_type", "queued_p1", "queued_p2", "queued_p3", "scheduled", "running", "dead", "paused", "workers", "completed", "failed", "retried", "rate_limit", "rate_burst", "max_running", "throttled")
     JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_P1_FIELD_NUMBER: _ClassVar[int]
     QUEUED_P2_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +342,10 @@ class TypeStats(_message.Message):
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     RETRIED_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    RATE_BURST_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    THROTTLED_FIELD_NUMBER: _ClassVar[int]
     job_type: str
     queued_p1: int
     queued_p2: int
@@ -354,7 +358,11 @@ class TypeStats(_message.Message):
     completed: int
     failed: int
     retried: int
-    def __init__(self, job_type: _Optional[str] = ..., queued_p1: _Optional[int] = ..., queued_p2: _Optional[int] = ..., queued_p3: _Optional[int] = ..., scheduled: _Optional[int] = ..., running: _Optional[int] = ..., dead: _Optional[int] = ..., paused: _Optional[bool] = ..., workers: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., retried: _Optional[int] = ...) -> None: ...
+    rate_limit: float
+    rate_burst: int
+    max_running: int
+    throttled: int
+    def __init__(self, job_type: _Optional[str] = ..., queued_p1: _Optional[int] = ..., queued_p2: _Optional[int] = ..., queued_p3: _Optional[int] = ..., scheduled: _Optional[int] = ..., running: _Optional[int] = ..., dead: _Optional[int] = ..., paused: _Optional[bool] = ..., workers: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., retried: _Optional[int] = ..., rate_limit: _Optional[float] = ..., rate_burst: _Optional[int] = ..., max_running: _Optional[int] = ..., throttled: _Optional[int] = ...) -> None: ...
 
 class BackendHealth(_message.Message):
     __slots__ = ("name", "kind", "state")
@@ -407,3 +415,27 @@ class ResumeJobTypeResponse(_message.Message):
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     paused: bool
     def __init__(self, paused: _Optional[bool] = ...) -> None: ...
+
+class SetJobTypeLimitsRequest(_message.Message):
+    __slots__ = ("job_type", "rate", "burst", "max_running")
+    JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    job_type: str
+    rate: float
+    burst: int
+    max_running: int
+    def __init__(self, job_type: _Optional[str] = ..., rate: _Optional[float] = ..., burst: _Optional[int] = ..., max_running: _Optional[int] = ...) -> None: ...
+
+class SetJobTypeLimitsResponse(_message.Message):
+    __slots__ = ("job_type", "rate", "burst", "max_running")
+    JOB_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    job_type: str
+    rate: float
+    burst: int
+    max_running: int
+    def __init__(self, job_type: _Optional[str] = ..., rate: _Optional[float] = ..., burst: _Optional[int] = ..., max_running: _Optional[int] = ...) -> None: ...

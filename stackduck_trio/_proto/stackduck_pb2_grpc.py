@@ -124,6 +124,11 @@ class StackDuckServiceStub:
                 request_serializer=stackduck__pb2.ResumeJobTypeRequest.SerializeToString,
                 response_deserializer=stackduck__pb2.ResumeJobTypeResponse.FromString,
                 _registered_method=True)
+        self.SetJobTypeLimits = channel.unary_unary(
+                '/stackduck.StackDuckService/SetJobTypeLimits',
+                request_serializer=stackduck__pb2.SetJobTypeLimitsRequest.SerializeToString,
+                response_deserializer=stackduck__pb2.SetJobTypeLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class StackDuckServiceServicer:
@@ -247,6 +252,14 @@ class StackDuckServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetJobTypeLimits(self, request, context):
+        """Set, change or clear the rate and concurrency limits of a job type (for
+        the whole cluster). Jobs held back by a limit wait; they are not failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StackDuckServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +352,11 @@ def add_StackDuckServiceServicer_to_server(servicer, server):
                     servicer.ResumeJobType,
                     request_deserializer=stackduck__pb2.ResumeJobTypeRequest.FromString,
                     response_serializer=stackduck__pb2.ResumeJobTypeResponse.SerializeToString,
+            ),
+            'SetJobTypeLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetJobTypeLimits,
+                    request_deserializer=stackduck__pb2.SetJobTypeLimitsRequest.FromString,
+                    response_serializer=stackduck__pb2.SetJobTypeLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -827,6 +845,33 @@ class StackDuckService:
             '/stackduck.StackDuckService/ResumeJobType',
             stackduck__pb2.ResumeJobTypeRequest.SerializeToString,
             stackduck__pb2.ResumeJobTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetJobTypeLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stackduck.StackDuckService/SetJobTypeLimits',
+            stackduck__pb2.SetJobTypeLimitsRequest.SerializeToString,
+            stackduck__pb2.SetJobTypeLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -132,9 +132,7 @@ def test_describe() -> None:
 def test_limit_from_wire() -> None:
     assert limit_from_wire("email", 0.0, 0, 0) is None
     assert limit_from_wire("email", 5.0, 0, 0) == TypeLimit(rate=RateLimit(5.0, 1))
-    assert limit_from_wire("email", 5.0, 10, 3) == TypeLimit(
-        rate=RateLimit(5.0, 10), max_running=3
-    )
+    assert limit_from_wire("email", 5.0, 10, 3) == TypeLimit(rate=RateLimit(5.0, 10), max_running=3)
     assert limit_from_wire("email", 0.0, 0, 3) == TypeLimit(max_running=3)
 
 
@@ -264,6 +262,8 @@ def test_dispatch_respects_the_rate_and_wakes_when_it_allows() -> None:
     assert wake == pytest.approx(h.now + 0.1)
     assert h.core.dispatch(now=h.now) == []
     h.clock.advance(0.1)
+    h.core.tick(now=h.now)
+    assert h.core.next_deadline() == pytest.approx(h.now + 59.9)  # the wake-up came
     assert len(h.core.dispatch(now=h.now)) == 1
     h.clock.advance(1.0)
     assert len(h.core.dispatch(now=h.now)) == 2  # the burst, again
@@ -280,3 +280,22 @@ def test_unary_claim_respects_limits() -> None:
     assert h.core.claim("t", now=h.now, worker_id="w") is None  # the rate
     h.clock.advance(1.0)
     assert h.core.claim("t", now=h.now, worker_id="w") is not None
+
+
+# -- retention of dead letters ------------------------------------------------------------
+
+
+def test_dead_before_lists_the_oldest_deaths_first() -> None:
+    h = Harness()
+    first = h.dead_letter(job_id="d1")
+    h.clock.advance(10)
+    second = h.dead_letter(job_id="d2")
+    h.clock.advance(10)
+    h.dead_letter(job_id="d3")
+    assert first.completed_at is not None and second.completed_at is not None
+    assert h.core.dead_before(h.now + 1, 2) == ["d1", "d2"]
+    assert h.core.dead_before(second.completed_at, 10) == ["d1"]
+    assert h.core.dead_before(first.completed_at, 10) == []
+    h.core.requeue("d1", now=h.now)  # no longer dead: skipped
+    assert h.core.dead_before(h.now + 1, 10) == ["d2", "d3"]
+    assert h.core.dead_before(h.now + 1, 0) == []

@@ -158,6 +158,22 @@ def test_pause_resume_cancel(
     assert again.returncode == 1 and again.stderr.startswith("error: FAILED_PRECONDITION:")
 
 
+def test_limit_command(server: ServerProcess) -> None:
+    out = cli(server, "limit", "mail", "--rate", "2.5", "--burst", "5", "--max-running", "3")
+    assert out.stdout.strip() == "limits of mail: 2.5/s burst 5, max 3 running"
+    stats = json.loads(cli(server, "stats", "--json").stdout)
+    mail = next(t for t in stats["types"] if t["job_type"] == "mail")
+    assert (mail["rate_limit"], mail["rate_burst"], mail["max_running"]) == (2.5, 5, 3)
+    assert "2.5/s burst 5, max 3 running" in cli(server, "stats").stdout
+    as_json = json.loads(cli(server, "limit", "mail", "--max-running", "1", "--json").stdout)
+    assert as_json == {"job_type": "mail", "rate": 0.0, "burst": 0, "max_running": 1}
+    assert cli(server, "limit", "mail", "--clear").stdout.strip() == "limits of mail: none"
+    bad = cli(server, "limit", "mail", "--rate", "-1")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: INVALID_ARGUMENT: rate must be")
+    assert cli(server, "limit", "mail").returncode == 2  # nothing to set
+    assert cli(server, "limit", "mail", "--clear", "--rate", "1").returncode == 2
+
+
 HANDLERS_MODULE = """
 import json, pathlib
 

@@ -56,6 +56,7 @@ async def test_metrics_match_a_workload() -> None:
 
         worker = Worker(address, {"ok": ok, "bad": bad}, stream_idle_timeout=1.0)
         async with Client.connect(address) as client:
+            await client.set_limits("ok", max_running=1)  # throttles: one at a time
             for i in range(10):
                 await client.enqueue("ok", {"i": i})
             for i in range(4):
@@ -77,8 +78,14 @@ async def test_metrics_match_a_workload() -> None:
                     "stackduck_jobs",
                     (("job_type", "bad"), ("priority", ""), ("status", "dead")),
                 )
+                throttled = stats.of("ok").throttled  # type: ignore[union-attr]
+                assert throttled > 0
+                held = (
+                    "stackduck_jobs_throttled_total",
+                    (("job_type", "ok"), ("limit", "running")),
+                )
                 with trio.fail_after(5):
-                    while (m := await scrape(port)).get(dead) != 4:  # noqa: ASYNC110 - polling on purpose
+                    while (m := await scrape(port)).get(dead) != 4 or m.get(held) != throttled:  # noqa: ASYNC110
                         await trio.sleep(0.1)
                 worker.stop()
 

@@ -30,7 +30,7 @@ import trio
 import trio_asyncio  # type: ignore[import-untyped]
 from redis.asyncio import Redis
 
-from stackduck_core import Job, Status, placement
+from stackduck_core import Job, RateLimit, Status, TypeLimit, gcra, gcra_allowance, placement
 from stackduck_core._ordering import MAX_SEQ, ready_seq
 from stackduck_trio._pgtier import PostgresTier
 from stackduck_trio._postgres import PostgresBackend
@@ -425,6 +425,117 @@ async def test_paused_type_yields_nothing_and_resume_wakes(tier: QueueTier) -> N
     assert await claim_ids(tier) == ["job-1"]
 
 
+# -- limits ---------------------------------------------------------------------------------
+
+
+async def test_concurrency_limit_counts_the_types_claims(tier: QueueTier) -> None:
+    await tier.set_limit("t", TypeLimit(max_running=2))
+    await tier.set_limit("t", TypeLimit(max_running=2))  # idempotent
+    await tier.push([make_job(n) for n in range(1, 6)] + [make_job(9, job_type="u")])
+    claims = await tier.claim("t", 5, now=NOW, owner="a", token="k1", until=LATER)
+    assert [c.job.id for c in claims] == ["job-1", "job-2"]
+    assert (claims.held, claims.retry_at) == ("running", None)
+    again = await tier.claim("t", 5, now=NOW, owner="b", token="k2", until=LATER)
+    assert (list(again), again.held) == ([], "running")
+    assert await claim_ids(tier, "u") == ["job-9"]  # other types are not limited
+    async with open_peer(tier) as peer, trio.open_nursery() as nursery:
+        wakeups = await listen(nursery, peer)
+        # the end of a claim wakes the instances: room for one more
+        assert await tier.settle([("job-1", "k1", None)]) == [True]
+        await wakeups.expect("t")
+        nursery.cancel_scope.cancel()
+    # a renewed claim still counts; an ended one does not
+    assert await tier.renew([("job-2", "k1")], until=LATER + 1) == [True]
+    assert [c.job.id for c in await peer_claim(tier, 5)] == ["job-3"]
+    assert list(await peer_claim(tier, 5)) == []
+    await tier.set_limit("t", TypeLimit(max_running=4))  # raised at run time
+    assert [c.job.id for c in await peer_claim(tier, 5)] == ["job-4", "job-5"]
+    await tier.set_limit("t", None)
+    await tier.push([make_job(n) for n in range(10, 13)])
+    unlimited = await peer_claim(tier, 5)
+    assert (len(unlimited), unlimited.held) == (3, None)
+
+
+async def peer_claim(tier: QueueTier, limit: int, now: float = NOW) -> Any:
+    return await tier.claim("t", limit, now=now, owner="p", token=f"p{now}", until=LATER)
+
+
+async def test_rate_limit_follows_the_cores_rule(tier: QueueTier) -> None:
+    """The tier's claims take exactly what TypeLimit.decide allows, step by step."""
+    limit = TypeLimit(rate=RateLimit(10.0, 3))  # T = 0.1 s, 3 at once
+    await tier.set_limit("t", limit)
+    await tier.push([make_job(n) for n in range(1, 31)])
+    tat: float | None = None
+    taken = 0
+    for step, (dt, want) in enumerate(
+        [(0.0, 10), (0.0, 10), (0.05, 10), (0.1, 10), (0.35, 10), (1.0, 2), (5.0, 10)]
+    ):
+        now = NOW + dt + step * 1e-3
+        expected = limit.decide(want, tat=tat, now=now, running=0)
+        claims = await tier.claim("t", want, now=now, owner="o", token=f"k{step}", until=LATER)
+        assert len(claims) == expected.granted, (step, expected)
+        assert claims.held == expected.held
+        if expected.held == "rate":
+            assert claims.retry_at == pytest.approx(expected.retry_at, abs=1e-6)
+        tat = limit.taken(len(claims), tat=tat, now=now)
+        taken += len(claims)
+        # settling does not give tokens back (the rate counts starts)
+        await tier.settle([(c.job.id, f"k{step}", None) for c in claims])
+    assert taken == 3 + 0 + 0 + 1 + 2 + 2 + 3
+
+
+async def test_limit_change_keeps_the_rate_state(tier: QueueTier) -> None:
+    await tier.set_limit("t", TypeLimit(rate=RateLimit(1.0, 2)))
+    await tier.push([make_job(n) for n in range(1, 6)])
+    assert len(await peer_claim(tier, 5)) == 2
+    # a new burst through re-configuring? no: the bucket is still empty
+    await tier.set_limit("t", TypeLimit(rate=RateLimit(1.0, 2), max_running=100))
+    assert len(await peer_claim(tier, 5)) == 0
+    # without a rate the state goes; a new rate starts with a full bucket
+    await tier.set_limit("t", TypeLimit(max_running=100))
+    await tier.set_limit("t", TypeLimit(rate=RateLimit(1.0, 2)))
+    assert len(await peer_claim(tier, 5)) == 2
+
+
+async def test_redis_gcra_mirrors_the_core_bit_for_bit() -> None:
+    """The claim script's GCRA functions against stackduck_core, on hard cases."""
+    from stackduck_trio._redis import _KEY_NAMES, _PRELUDE
+
+    script = _PRELUDE + (
+        "local tat, now = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+        "local interval, burst = tonumber(ARGV[5]), tonumber(ARGV[6])\n"
+        "local k = gcra_allowance(tat, now, interval, burst)\n"
+        "local new_tat = math.max(tat, now) + k * interval\n"
+        "return {k, string.format('%.17g', new_tat)}"
+    )
+    rng = random.Random(7)
+    cases = [(1_000_000_000.0000001, 1_000_000_000.0, 3.0, 13)]
+    for _ in range(300):
+        rate = rng.choice([3.0, 7.0, 10.0, 0.3, 1 / 3, 13.7, 1e4, rng.uniform(0.001, 1e5)])
+        burst = rng.randint(1, 40)
+        now = rng.choice([NOW + rng.random() * 100, rng.random() * 10, 1e9, -5.5])
+        owed = rng.uniform(0, burst + 2) / rate
+        tat = now + owed + rng.choice([0.0, 1e-7, -1e-7, 1e-12])
+        cases.append((tat, now, rate, burst))
+
+    async def run(client: Any) -> list[Any]:
+        keys = [f"sdtest-gcra:{name}" for name in _KEY_NAMES]
+        out = []
+        for tat, now, rate, burst in cases:
+            interval = RateLimit(rate, burst).emission_interval
+            args = ["p", "c", repr(tat), repr(now), repr(interval), str(burst)]
+            out.append(await client.eval(script, len(keys), *keys, *args))
+        return out
+
+    async with trio_asyncio.open_loop():
+        results = await redis_admin(run)
+    for (tat, now, rate, burst), (k, new_tat) in zip(cases, results, strict=True):
+        limit = RateLimit(rate, burst)
+        assert int(k) == gcra_allowance(tat, now, limit), (tat, now, rate, burst)
+        if int(k):
+            assert float(new_tat) == gcra(tat, now, limit, int(k)).new_tat
+
+
 # -- settle, renew, expired -------------------------------------------------------------
 
 
@@ -710,6 +821,9 @@ async def test_redis_keys_stay_under_the_prefix_and_clear_removes_them() -> None
             await tier.push([make_job(1), scheduled_job(2, NOW + 5), make_job(3, job_type="u")])
             await tier.claim("t", 1, now=NOW, owner="o", token="k", until=LATER)
             await tier.set_paused("u", True)
+            await tier.set_limit("t", TypeLimit(rate=RateLimit(1.0)))
+            await tier.push([make_job(4)])
+            assert len(await tier.claim("t", 1, now=NOW, owner="o", token="k2", until=LATER)) == 1
 
             async def keys(client: Redis) -> list[str]:
                 return sorted([key async for key in client.scan_iter(match=f"{prefix}*")])
@@ -726,6 +840,9 @@ async def test_redis_keys_stay_under_the_prefix_and_clear_removes_them() -> None
                 "types",
                 "paused",
                 "ready:u",
+                "claimed:t",
+                "limits",
+                "tat:t",
             }
             await tier.clear()
             assert await redis_admin(keys) == [
