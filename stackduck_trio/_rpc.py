@@ -52,6 +52,13 @@ Error mapping (nothing reaches the client as a Python ``repr``):
 * any other ``Exception`` -> INTERNAL "internal error", traceback logged on ``stackduck.rpc``.
 * ``trio.Cancelled`` and other ``BaseException`` are never caught.
 
+Status trailers are built here (``_status_trailers``), not by purerpc's ``respond_status`` /
+``end_response``: those percent-encode ``grpc-message`` with ``urllib.parse.quote(msg,
+safe='')``, which also escapes ``:/?#@&=+$,;`` and space. The gRPC HTTP/2 spec leaves printable
+ASCII except ``%`` literal, and clients decode only what it says: grpc-js shows
+``authorization%3A Bearer`` for ``authorization: Bearer``. ``encode_grpc_message`` follows the
+spec exactly.
+
 Writing: handlers queue bytes into h2's outbound buffer and wake a single writer task per
 connection, which sends everything queued in one ``send_all``. Messages produced in the same
 scheduler tick (many streams, or a burst on one stream) leave in one syscall, and a message is
@@ -120,6 +127,7 @@ __all__ = [
     "RpcServer",
     "RpcStatistics",
     "StatusCode",
+    "encode_grpc_message",
     "method_table",
     "serve_rpc",
     "server_ssl_context",
@@ -145,11 +153,38 @@ _LISTEN_BACKLOG: Final = 0xFFFF
 # gRPC length-prefixed message: 1-byte compressed flag + 4-byte big-endian length.
 _MESSAGE_PREFIX: Final = struct.Struct(">?I")
 _CONTENT_TYPE_SUFFIX: Final = "+proto"
+# grpc-message bytes sent as they are (the spec's Percent-Byte-Unencoded): space and VCHAR
+# except "%". Every other byte of the message's UTF-8 encoding is sent as %XX.
+_MESSAGE_LITERAL: Final = frozenset(range(0x20, 0x7F)) - {ord("%")}
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
+
+
+def encode_grpc_message(message: str) -> str:
+    """Percent-encode a status message for the ``grpc-message`` trailer, as the gRPC spec says.
+
+    ``Percent-Encoded -> 1*(Percent-Byte-Unencoded / Percent-Byte-Encoded)``: space and
+    printable ASCII except ``%`` (0x20-0x24, 0x26-0x7E) stay as they are; ``%``, control
+    characters and every byte of a non-ASCII character's UTF-8 encoding become ``%XX``
+    (upper-case hex). Any client decodes it: grpcio and grpc-go by the spec, grpc-js with
+    ``decodeURI``, purerpc with ``urllib.parse.unquote``.
+
+    One addition: a space at the very start or end is sent as ``%20`` (also valid per the
+    spec), because HTTP/2 field values may not begin or end with whitespace -- h2 would
+    strip it and strict peers would refuse the trailer. A lone surrogate (not UTF-8) is
+    sent as its backslash escape.
+    """
+    data = message.encode("utf-8", "backslashreplace")
+    last = len(data) - 1
+    return "".join(
+        chr(byte)
+        if byte in _MESSAGE_LITERAL and not (byte == 0x20 and (i == 0 or i == last))
+        else f"%{byte:02X}"
+        for i, byte in enumerate(data)
+    )
 
 
 class RpcError(Exception):
@@ -914,10 +949,11 @@ class _Connection:
         h2_stream = self._h2.streams.get(stream_id)
         if self._closing or h2_stream is None or h2_stream.closed:
             return
-        if headers_sent:
-            self._protocol.end_response(stream_id, status)
-        else:
-            self._protocol.respond_status(stream_id, status, _CONTENT_TYPE_SUFFIX)
+        # Not purerpc's end_response / respond_status: their grpc-message encoding is not the
+        # spec's (see the module docstring). Same trailers otherwise.
+        self._h2.send_headers(
+            stream_id, _status_trailers(status, trailers_only=not headers_sent), end_stream=True
+        )
         if not h2_stream.closed:
             # We answered before the client finished sending (oversized request, auth failure,
             # deadline): tell it to stop without error (RFC 7540 section 8.1). h2 answers any
@@ -958,6 +994,23 @@ class _Connection:
             self._closing = True
             assert self._io_scope is not None
             self._io_scope.cancel()
+
+
+def _status_trailers(status: Status, *, trailers_only: bool) -> list[tuple[str, str]]:
+    """The header block that ends a call; ``trailers_only`` when no response headers went out.
+
+    What purerpc's ``respond_status`` / ``end_response`` send (with no custom metadata), except
+    that ``grpc-message`` is encoded by :func:`encode_grpc_message`.
+    """
+    trailers = (
+        [(":status", "200"), ("content-type", "application/grpc" + _CONTENT_TYPE_SUFFIX)]
+        if trailers_only
+        else []
+    )
+    trailers.append(("grpc-status", str(status.int_value)))
+    if status.status_message:
+        trailers.append(("grpc-message", encode_grpc_message(status.status_message)))
+    return trailers
 
 
 def _wake_sender(call: _Call) -> None:

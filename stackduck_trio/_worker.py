@@ -22,8 +22,8 @@ server and the worker take turns (measured: 2.3-2.7x less drain throughput).
 Each delivered job runs in its own task (in the worker's job nursery) under a
 ``CapacityLimiter(concurrency)``, which also bounds jobs of a lost connection
 that are still running while a new stream is filling up. A buffered job's lease
-is extended like a running one's; on :meth:`Worker.stop` the buffered jobs are
-released (given back unstarted) instead of run. The receive loop never waits for a free slot, so it keeps
+is extended like a running one's; on :meth:`Worker.stop` every buffered job is
+released at once (given back unstarted) instead of run. The receive loop never waits for a free slot, so it keeps
 reading heartbeats and notices a dead server even when every slot is busy.
 
 Outcomes. A handler that returns completes its job; one that raises fails it
@@ -54,10 +54,12 @@ when the connection broke finish; their leases are void (the server requeues
 a disconnected stream's jobs), so they may run again elsewhere:
 at-least-once delivery.
 
-Stopping. :meth:`Worker.stop` stops reading the stream, waits up to
-``grace_period`` for running handlers, cancels the rest (their jobs are not
-acked), flushes the acks, then resets the stream, upon which the server
-requeues every job of it still un-acked. Cancelling :meth:`Worker.run`
+Stopping. :meth:`Worker.stop` stops reading the stream, releases at once every
+job that has not started (buffered ones, and any that arrive meanwhile: no
+attempt used, no lost lease charged), waits up to ``grace_period`` for running
+handlers, cancels the rest (their jobs are not acked), flushes the acks, then
+resets the stream, upon which the server requeues every job of it still
+un-acked (the cancelled ones: a lost lease each). Cancelling :meth:`Worker.run`
 instead stops at once, with a last ack flush of at most ``flush_timeout``
 seconds under a shield.
 """
@@ -125,8 +127,9 @@ class WorkerStatistics:
         lease_extensions: Successful ``ExtendLease`` calls.
         leases_lost: Jobs whose lease could not be extended any more.
         cancelled: Handlers cancelled at shutdown (their jobs are requeued).
-        released: Jobs that arrived after :meth:`Worker.stop` and were given back
-            unstarted (they keep their place in the queue; no attempt is used).
+        released: Jobs given back unstarted on :meth:`Worker.stop` (waiting for a
+            slot, or arriving after it): they keep their place in the queue; no
+            attempt is used.
     """
 
     processed: int
@@ -160,13 +163,18 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Ticket:
-    """A job's place in the line for a handler slot."""
+    """A job's place in the line for a handler slot.
 
-    __slots__ = ("abandoned", "granted")
+    ``granted`` is set when the job may go on: with a slot, or ``refused`` (the
+    worker is stopping and the job is to be released, holding no slot).
+    """
+
+    __slots__ = ("abandoned", "granted", "refused")
 
     def __init__(self) -> None:
         self.granted = trio.Event()
         self.abandoned = False
+        self.refused = False
 
 
 class _FifoSlots:
@@ -189,11 +197,21 @@ class _FifoSlots:
 
     def done(self, ticket: _Ticket) -> None:
         """The job finished (or gave up waiting): free its slot or its place."""
+        if ticket.refused:
+            return  # held no slot; already out of the line
         if ticket.granted.is_set():
             self._free += 1
             self._grant()
         else:
             ticket.abandoned = True
+
+    def refuse_waiting(self) -> None:
+        """Wake every ticket still in line without a slot (``refused``): on stop."""
+        while self._line:
+            ticket = self._line.popleft()
+            if not ticket.abandoned:
+                ticket.refused = True
+                ticket.granted.set()
 
     def _grant(self) -> None:
         while self._free and self._line:
@@ -423,7 +441,7 @@ class Worker:
         )
 
     def stop(self) -> None:
-        """Stop gracefully: take no new jobs, let running ones finish, flush acks.
+        """Stop gracefully: release the jobs not started, let running ones finish, flush acks.
 
         :meth:`run` returns once that is done. Safe to call at any time, more than once.
         """
@@ -513,6 +531,9 @@ class Worker:
                                     # The slot is queued for here, in delivery order:
                                     # trio starts tasks in no particular order.
                                     ticket = self._slots.take_ticket()
+                                    # Counted from here, not from when the task first
+                                    # runs: a stop() in between must wait for it.
+                                    self._running += 1
                                     jobs.start_soon(self._run_job, keeper, acker, job, ticket)
                             self._receive_scope = None
                             if self._stopping:
@@ -552,10 +573,14 @@ class Worker:
         """On :meth:`stop`: keep the stream open until running jobs are done.
 
         Closing the stream at once would make the server requeue the jobs still
-        running here as lost leases; so the stream stays, jobs arriving
-        meanwhile are released, and it closes once the outcomes are sent.
+        held here as lost leases; so the jobs waiting for a slot are released at
+        once (not when a slot frees up: the running handlers may outlast the
+        grace period, and jobs cancelled unreleased would be charged a lost
+        lease they never had), jobs arriving meanwhile are released too, and the
+        stream closes once the outcomes are sent.
         """
         await self._stop_requested.wait()
+        self._slots.refuse_waiting()
         await self._drain(acker)
         if self._receive_scope is not None:
             self._receive_scope.cancel()
@@ -587,7 +612,7 @@ class Worker:
     async def _run_job(
         self, keeper: _LeaseKeeper, acker: _Acker, job: JobInfo, ticket: _Ticket
     ) -> None:
-        self._running += 1
+        # self._running was incremented by the receive loop when it started this task.
         ack: Ack | None = None
         try:
             with trio.CancelScope() as scope:
@@ -597,7 +622,8 @@ class Worker:
                 try:
                     await ticket.granted.wait()
                     if self._stopping:
-                        # Still waiting when stop() came: give it back unstarted.
+                        # Not started when stop() came (refused, or granted a slot
+                        # just before): give it back unstarted.
                         self._counters.released += 1
                         ack = Ack(job.id, job.lease_id, release=True)
                         return

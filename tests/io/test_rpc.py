@@ -19,9 +19,11 @@ import signal
 import struct
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import grpc
@@ -31,7 +33,10 @@ import h2.errors
 import h2.events
 import pytest
 import trio
+from purerpc.grpclib.connection import GRPCConnection  # type: ignore[import-untyped]
+from purerpc.grpclib.status import Status  # type: ignore[import-untyped]
 
+from stackduck_trio import Client, NotFound
 from stackduck_trio._proto import health_pb2, health_pb2_grpc, stackduck_pb2, stackduck_pb2_grpc
 from stackduck_trio._rpc import (
     CallContext,
@@ -39,6 +44,8 @@ from stackduck_trio._rpc import (
     RpcServer,
     RpcStatistics,
     StatusCode,
+    _status_trailers,
+    encode_grpc_message,
     method_table,
     serve_rpc,
     server_ssl_context,
@@ -111,6 +118,8 @@ class HealthImpl:
                 await trio.sleep_forever()
         if service == "deadline":
             assert ctx.deadline is not None
+        if service.startswith("say:"):
+            raise RpcError(StatusCode.FAILED_PRECONDITION, service.removeprefix("say:"))
         return health_pb2.HealthCheckResponse(status=SERVING)
 
     async def Watch(
@@ -124,6 +133,10 @@ class HealthImpl:
             for _ in range(int(arg)):
                 yield health_pb2.HealthCheckResponse(status=SERVING)
             raise RpcError(StatusCode.ABORTED, "stream aborted")
+        elif kind == "say":
+            # Trailers after a message (purerpc's end_response path, not respond_status).
+            yield health_pb2.HealthCheckResponse(status=SERVING)
+            raise RpcError(StatusCode.ABORTED, arg)
         elif kind == "hold":
             # A worker's job stream: one message, then wait for work forever.
             with self._track():
@@ -143,6 +156,8 @@ class JobsImpl:
     async def GetJob(
         self, request: stackduck_pb2.GetJobRequest, ctx: CallContext
     ) -> stackduck_pb2.GetJobResponse:
+        if request.job_id.startswith("say:"):
+            raise RpcError(StatusCode.NOT_FOUND, request.job_id.removeprefix("say:"))
         raise RpcError(StatusCode.NOT_FOUND, "no such job")
 
     async def ConsumeJobs(
@@ -848,3 +863,131 @@ async def test_tls_round_trip(
     finally:
         await in_thread(plaintext.close)
         await in_thread(channel.close)
+
+
+# ---------------------------------------------------------------------------------------------
+# grpc-message: percent-encoded as the gRPC HTTP/2 spec says
+# ---------------------------------------------------------------------------------------------
+
+# Every kind of character the spec treats differently: literal (space, ':', '/', '?', '#', '@',
+# '&', '=', '+', '$', ',', ';', quotes), and encoded ('%', a newline, a tab, DEL, 2- and 4-byte
+# UTF-8). purerpc's quote(safe='') escaped the first kind too, which clients that decode
+# only what the spec says (grpc-js: decodeURI) then showed as "%3A", "%2F", ...
+SPEC_MESSAGE = (
+    "missing 'authorization: Bearer TOKEN' metadata; see /docs/auth?a=b&c=d#e, "
+    'user@host $5 + 1 = "6", 100% done\nnext\tline\x7f évé 🦆'
+)
+WATCH_PATH = "/grpc.health.v1.Health/Watch"
+
+
+def spec_encoded(message: str) -> str:
+    """The spec's Percent-Encoded form, byte by byte: an independent reference."""
+    return "".join(
+        chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in message.encode()
+    )
+
+
+async def test_grpc_message_is_spec_encoded_and_round_trips(
+    served: tuple[RpcServer, int], channel: grpc.Channel
+) -> None:
+    _, port = served
+    edge = " padded both ends "  # HTTP/2 values cannot start or end with a space: %20 there
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def watch_error(message: str) -> tuple[grpc.StatusCode, str]:
+        request = health_pb2.HealthCheckRequest(service=f"say:{message}")
+        return call_status(lambda: list(health.Watch(request, timeout=CLIENT_TIMEOUT)))
+
+    # On the wire: the raw trailer, both trailers-only (Check) and after a message (Watch).
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = RawClient(stream, port)
+        trailers: dict[tuple[str, str], str] = {}
+        for path, code in (
+            (CHECK_PATH, StatusCode.FAILED_PRECONDITION),
+            (WATCH_PATH, StatusCode.ABORTED),
+        ):
+            for message in (SPEC_MESSAGE, edge):
+                request = health_pb2.HealthCheckRequest(service=f"say:{message}")
+                response = await client.call(path, [request.SerializeToString()])
+                assert response["grpc-status"] == str(code.value)
+                trailers[path, message] = response["grpc-message"]
+    for path in (CHECK_PATH, WATCH_PATH):
+        raw = trailers[path, SPEC_MESSAGE]
+        assert raw == spec_encoded(SPEC_MESSAGE)
+        assert "authorization: Bearer TOKEN" in raw and "/docs/auth?a=b&c=d#e, user@host" in raw
+        assert "100%25 done%0Anext%09line%7F %C3%A9v%C3%A9 %F0%9F%A6%86" in raw
+        assert all(0x20 <= ord(c) <= 0x7E for c in raw)
+        assert trailers[path, edge] == "%20padded both ends%20"
+
+    # grpcio decodes per the spec: details() is the exact message.
+    for message in (SPEC_MESSAGE, edge):
+        failed = await in_thread(call_status, partial(check, channel, f"say:{message}"))
+        assert failed == (grpc.StatusCode.FAILED_PRECONDITION, message)
+        assert await in_thread(watch_error, message) == (grpc.StatusCode.ABORTED, message)
+
+    # Our own client (purerpc's protocol layer, urllib.parse.unquote) too.
+    async with Client.connect(f"127.0.0.1:{port}", timeout=CLIENT_TIMEOUT) as ours:
+        for message in (SPEC_MESSAGE, edge):
+            with pytest.raises(NotFound) as info:
+                await ours.get(f"say:{message}")
+            assert info.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("message", "encoded"),
+    [
+        ("", ""),
+        ("no such job", "no such job"),
+        ("a: b/c?d#e@f&g=h+i$j,k;l", "a: b/c?d#e@f&g=h+i$j,k;l"),
+        ("%", "%25"),
+        ("100%", "100%25"),
+        ("%41", "%2541"),  # never decoded twice
+        ("\r\n\x00\x1f\x7f", "%0D%0A%00%1F%7F"),
+        ("é🦆", "%C3%A9%F0%9F%A6%86"),
+        (" ", "%20"),
+        ("  two  ", "%20 two %20"),
+        ("lone \udc80 surrogate", "lone \\udc80 surrogate"),
+    ],
+)
+def test_encode_grpc_message(message: str, encoded: str) -> None:
+    assert encode_grpc_message(message) == encoded
+    assert urllib.parse.unquote(encoded) == message.encode("utf-8", "backslashreplace").decode()
+
+
+def test_status_trailers_match_purerpc_apart_from_the_message() -> None:
+    """_status_trailers replaces purerpc's respond_status / end_response, whose grpc-message
+    encoding is not the spec's: apart from that it must send what they send. If this fails,
+    purerpc changed those methods: check whether our replacement is still right (or needed)."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[tuple[list[tuple[str, str]], bool]] = []
+
+        def send_headers(self, stream_id: int, headers: Any, end_stream: bool = False) -> None:
+            self.sent.append((list(headers), end_stream))
+
+    def purerpc_trailers(status: Status, *, trailers_only: bool) -> list[tuple[str, str]]:
+        recorder = Recorder()
+        connection = SimpleNamespace(h2_connection=recorder)
+        if trailers_only:
+            GRPCConnection.respond_status(connection, 1, status, "+proto")
+        else:
+            GRPCConnection.end_response(connection, 1, status)
+        [(headers, end_stream)] = recorder.sent
+        assert end_stream
+        return headers
+
+    for trailers_only in (True, False):
+        for status in (
+            Status(StatusCode.NOT_FOUND, "no_such_job"),  # nothing either side encodes
+            Status(StatusCode.UNAVAILABLE),  # no message at all
+        ):
+            assert _status_trailers(status, trailers_only=trailers_only) == purerpc_trailers(
+                status, trailers_only=trailers_only
+            )
+        status = Status(StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer TOKEN'")
+        theirs = dict(purerpc_trailers(status, trailers_only=trailers_only))
+        ours = dict(_status_trailers(status, trailers_only=trailers_only))
+        assert theirs.pop("grpc-message") == "missing%20%27authorization%3A%20Bearer%20TOKEN%27"
+        assert ours.pop("grpc-message") == "missing 'authorization: Bearer TOKEN'"
+        assert ours == theirs

@@ -434,3 +434,72 @@ async def test_buffered_jobs_start_in_delivery_order(address: str) -> None:
             worker.stop()
     expected = sorted(range(len(priorities)), key=lambda n: (priorities[n], n))
     assert order == expected
+
+
+async def test_stop_releases_waiting_jobs_when_running_ones_outlast_the_grace_period() -> None:
+    """A stop releases every prefetched job that has not started at once, not when a slot
+    frees up: a running handler that outlasts ``grace_period`` is cancelled (its lease is
+    lost), but the jobs waiting behind it are given back unstarted, uncharged.
+
+    The report: concurrency 1, 5 jobs of 3 s, grace 1 s, stop() after 0.5 s; after 5 such
+    stops all 5 jobs were dead-lettered as poison pills although 4 never started (they were
+    cancelled with the handler, unreleased, and the stream's reset counted their leases as
+    lost). Here with shorter times and ``max_lost_leases = rounds``: the job that runs each
+    round is dead-lettered after the last round, the other four are still queued, unused.
+    """
+    rounds = 3
+    started: list[str] = []
+
+    async def slow(job: JobInfo) -> None:
+        started.append(job.id)
+        await trio.sleep(1.5)  # outlasts the worker's grace period of 0.3 s
+
+    with trio.fail_after(30):
+        async with open_test_server(
+            heartbeat_interval=HEARTBEAT, grace_period=0.5, max_lost_leases=rounds
+        ) as (port, _):
+            address = f"127.0.0.1:{port}"
+            async with Client.connect(address) as client:
+                ids = [r.job_id for r in await client.enqueue_many([{"job_type": "long"}] * 5)]
+                first, waiting = ids[0], ids[1:]
+                for round_ in range(1, rounds + 1):
+                    worker = make_worker(address, {"long": slow}, concurrency=1, grace_period=0.3)
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(worker.run)
+                        await wait_for(lambda: len(started) == round_)  # noqa: B023
+                        await wait_for(lambda: worker.statistics().received == 5)  # noqa: B023
+                        await trio.sleep(0.1)
+                        stopped_at = trio.current_time()
+                        worker.stop()
+                    took = trio.current_time() - stopped_at
+                    stats = worker.statistics()
+                    assert (stats.released, stats.cancelled, stats.processed) == (4, 1, 0)
+                    assert stats.acks_rejected == 0 and stats.acks_lost == 0
+                    assert took < 1.0  # the grace period, not the 1.5 s handler
+                    # The started job lost its lease (charged: attempt kept, lost_leases + 1).
+                    status = "failed" if round_ == rounds else "queued"
+                    job = await wait_status(client, first, status)
+                    assert job.attempt == round_ and job.retry_count == 0
+                    # The others never started: released, no attempt, no lost lease.
+                    for job_id in waiting:
+                        job = await client.get(job_id)
+                        assert (job.status, job.attempt, job.retry_count) == ("queued", 0, 0)
+                        assert job.worker_id is None and job.error_message == ""
+                assert started == [first] * rounds  # lost and released jobs keep their place
+                # lost_leases is not on the wire; the poison-pill message counts them.
+                dead = await client.get(first)
+                assert dead.error_message.startswith(
+                    f"poison pill: {rounds} deliveries ended with a lost lease"
+                )
+                # The released jobs run normally afterwards: their first real attempt.
+                done: list[int] = []
+
+                async def quick(job: JobInfo) -> None:
+                    done.append(job.attempt)
+
+                worker = make_worker(address, {"long": quick}, concurrency=1)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(worker.run)
+                    await wait_for(lambda: worker.statistics().acks_sent == 4)
+                    worker.stop()
+                assert done == [1, 1, 1, 1]
