@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Final, Protocol, TypeVar
+from typing import IO, Any, Final, Protocol, TypeVar
 
 import attrs
 import outcome
@@ -831,11 +831,11 @@ def limit_columns(limit: TypeLimit) -> tuple[float | None, int | None, int | Non
     )
 
 
-def limit_from_columns(rate: object, burst: object, max_running: object) -> TypeLimit:
+def limit_from_columns(rate: Any, burst: Any, max_running: Any) -> TypeLimit:
     """A stored limit row back as a :class:`TypeLimit`."""
     return TypeLimit(
-        rate=None if rate is None else RateLimit(float(rate), int(burst or 1)),  # type: ignore[call-overload]
-        max_running=None if max_running is None else int(max_running),  # type: ignore[call-overload]
+        rate=None if rate is None else RateLimit(float(rate), int(burst or 1)),
+        max_running=None if max_running is None else int(max_running),
     )
 
 
