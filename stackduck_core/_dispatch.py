@@ -61,6 +61,8 @@ class _Stream:
     lease_seconds: float
     # job_id -> lease_id of the jobs this stream holds
     held: dict[str, str] = attrs.field(factory=dict)
+    # the worker gave a job back unstarted: it is winding down
+    stopping: bool = False
 
     @property
     def credit(self) -> int:
@@ -228,9 +230,10 @@ class Dispatcher:
             job_id: the job.
             lease_id: the lease that ended.
             shrink: the holder gave the job back unstarted, which a worker does
-                when it winds down: its prefetch shrinks to what it still holds
-                (no credit), so a stopping worker is not sent the job again (and
-                again) while it finishes the others.
+                when it winds down: from then on the stream's prefetch follows
+                what it still holds down (no credit, now or after its later
+                acks), so a stopping worker is not sent jobs only to give them
+                back (one round trip per ack) while it finishes the others.
 
         Returns:
             The stream that held it, or ``None`` if no attached stream held
@@ -241,7 +244,8 @@ class Dispatcher:
             return None
         stream = self._streams[sid]
         del stream.held[job_id]
-        if shrink:
+        stream.stopping = stream.stopping or shrink
+        if stream.stopping:
             stream.prefetch = len(stream.held)
             self._leave_rings(stream)  # no credit left (a no-op if it had none)
         elif stream.credit == 1:

@@ -636,9 +636,8 @@ class Ack:
         error: The failure message (only with ``failed=True``).
         release: Give the job back unstarted (a stopping worker does this with
             the jobs it has not started): the job keeps its place, the delivery
-            is not an attempt, and the stream's prefetch drops to the number of
-            jobs the stream still holds un-acked (so it gets no new job until it
-            acks one of those).
+            is not an attempt, and the stream is winding down: it gets no new job
+            from then on (its prefetch follows the jobs it still holds down).
     """
 
     job_id: str

@@ -39,8 +39,8 @@
  *   with capped exponential backoff.
  * - Stopping (stop(), or SIGINT/SIGTERM with stopOnSignals()). Jobs not started
  *   yet, and jobs arriving meanwhile, are *released* (given back unstarted: they
- *   keep their place and use no attempt; the server shrinks the stream's prefetch
- *   by one for each). Running handlers get `gracePeriodMs` to finish, their acks
+ *   keep their place and use no attempt; from the first release on the server
+ *   sends the stream no new job). Running handlers get `gracePeriodMs` to finish, their acks
  *   are flushed, and only then is the stream cancelled -- cancelling it first
  *   would make the server requeue the jobs still running here as lost leases.
  */

@@ -182,10 +182,16 @@ def test_a_release_shrinks_the_streams_prefetch_to_what_it_holds() -> None:
     two = h.core.dispatcher.stream(2)
     assert two is not None and two.prefetch == two.in_flight
     h.core.detach(2, now=h.now)
-    # finishing job 0 frees its one remaining slot as usual
+    # finishing job 0 does not give the stopping stream credit back: it would
+    # only be sent a job to give back again
     expect_job(h.core.complete(jobs[0].id, lease_id=first[0].job.lease_id, now=h.now))
+    assert h.core.dispatch(now=h.now) == []
+    info = h.core.dispatcher.stream(1)
+    assert info is not None and (info.prefetch, info.in_flight) == (0, 0)
+    # another worker gets the released job, which kept its place
+    h.core.attach(3, worker_id="w3", job_types=["t"], prefetch=1)
     (again,) = h.core.dispatch(now=h.now)
-    assert again.job.id == jobs[1].id  # the released job kept its place
+    assert again.job.id == jobs[1].id
 
 
 def test_detach_without_penalty_when_the_server_leaves() -> None:
