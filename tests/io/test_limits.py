@@ -164,28 +164,35 @@ def test_limits_and_retention_settings_are_checked() -> None:
     assert load_config(environ={}).retain_completed == 86_400.0
 
 
+async def run_everywhere(
+    client: Client, addresses: list[str], job_type: str, handler: Running, n: int, slots: int
+) -> None:
+    """Enqueue ``n`` jobs and run them with a worker of ``slots`` on every instance."""
+    workers = [
+        Worker(address, {job_type: handler}, concurrency=slots, stream_idle_timeout=1.0)
+        for address in addresses
+    ]
+    async with trio.open_nursery() as nursery:
+        for worker in workers:
+            await nursery.start(worker.run)
+        await client.enqueue_many(
+            [JobRequest(job_type=job_type, payload={"n": i}) for i in range(n)]
+        )
+        await wait_until(lambda: handler.done == n, within=30)
+        for worker in workers:
+            worker.stop()
+
+
 async def test_cluster_wide_max_running(schema: str, kind: str) -> None:  # noqa: F811
     """Workers on both instances; at most 3 of the type run at once across them."""
     handler = Running(hold=0.03)
-    async with cluster(schema, kind) as (a, b):
-        async with Client.connect(a) as client:
+    async with cluster(schema, kind) as addresses:
+        async with Client.connect(addresses[0]) as client:
             await client.set_limits("crunch", max_running=3)
-            workers = [
-                Worker(address, {"crunch": handler}, concurrency=4, stream_idle_timeout=1.0)
-                for address in (a, b)
-            ]
-            async with trio.open_nursery() as nursery:
-                for worker in workers:
-                    await nursery.start(worker.run)
-                await client.enqueue_many(
-                    [JobRequest(job_type="crunch", payload={"n": n}) for n in range(40)]
-                )
-                await wait_until(lambda: handler.done == 40, within=30)
-                for worker in workers:
-                    worker.stop()
+            await run_everywhere(client, addresses, "crunch", handler, n=40, slots=4)
             stats = (await client.stats()).of("crunch")
             assert stats is not None and stats.max_running == 3
-        async with Client.connect(b) as client_b:  # set on A, seen on B
+        async with Client.connect(addresses[1]) as client_b:  # set on A, seen on B
             stats_b = (await client_b.stats()).of("crunch")
             assert stats_b is not None and stats_b.max_running == 3
     assert handler.peak <= 3
@@ -195,22 +202,10 @@ async def test_cluster_wide_max_running(schema: str, kind: str) -> None:  # noqa
 async def test_cluster_wide_rate(schema: str, kind: str) -> None:  # noqa: F811
     """20 jobs/s, burst 1, over two instances: 10 starts span >= 450 ms."""
     handler = Running(hold=0)
-    async with cluster(schema, kind) as (a, b):
-        async with Client.connect(a) as client:
+    async with cluster(schema, kind) as addresses:
+        async with Client.connect(addresses[0]) as client:
             await client.set_limits("mail", rate=20)
-            workers = [
-                Worker(address, {"mail": handler}, concurrency=5, stream_idle_timeout=1.0)
-                for address in (a, b)
-            ]
-            async with trio.open_nursery() as nursery:
-                for worker in workers:
-                    await nursery.start(worker.run)
-                await client.enqueue_many(
-                    [JobRequest(job_type="mail", payload={"n": n}) for n in range(10)]
-                )
-                await wait_until(lambda: handler.done == 10, within=30)
-                for worker in workers:
-                    worker.stop()
+            await run_everywhere(client, addresses, "mail", handler, n=10, slots=5)
     span = handler.starts[-1] - handler.starts[0]
     assert span >= 0.45 * 0.95, handler.starts
     print(f"\n{kind}: 10 starts over {span * 1000:.0f} ms at 20/s")
