@@ -148,6 +148,17 @@ class SharedBroker(Broker):
         self._health_wakeup = trio.Event()
         self._next_due: float | None = None
         self._due_dirty = True
+        # Claims that would find nothing are not made (each is a tier round
+        # trip): a type whose claim came back short is "quiet" until the tier
+        # says it has new ready jobs of that type (pub/sub, NOTIFY) or
+        # something else may have changed (a "" message, a due time, a health
+        # change, the poll period). _heard counts those messages; _quiet maps a
+        # type to the count seen just before its short claim started, so a
+        # message that arrives while the claim is under way keeps it loud.
+        self._heard = 0
+        self._heard_by_type: dict[str, int] = {}
+        self._heard_all = 0
+        self._quiet: dict[str, int] = {}
         self._reconcile: tuple[int, trio.CancelScope] | None = None
         self._nursery: trio.Nursery | None = None
         self.committer.on_health = self._store_health
@@ -201,7 +212,7 @@ class SharedBroker(Broker):
                     self.route().reason,
                 )
                 self._health_wakeup.set()
-                self._feed_wakeup.set()
+                self._hear(None)
                 self._due_dirty = True
             elif isinstance(effect, StartReconcile):
                 self._start_reconcile(effect.reconcile_id)
@@ -213,7 +224,7 @@ class SharedBroker(Broker):
         dropped from the tier by instances whose writes of them were refused
         before their rows existed; the reconcile puts every queued job back.
         """
-        self._feed_wakeup.set()
+        self._hear(None)
         if change.new is Health.HEALTHY and change.old is not Health.SUSPECT:
             self._start_reconcile(None)
 
@@ -352,8 +363,8 @@ class SharedBroker(Broker):
                 # record): on record, so the delivery's base matches the row.
                 self._persist([held], settle=False)
         self.claimed += len(claims)
-        if claims:
-            self._due_dirty = True
+        if claims and self._next_due is not None and self._next_due <= now:
+            self._due_dirty = True  # it may have promoted due jobs: the schedule changed
         return claims
 
     async def extend(
@@ -544,7 +555,7 @@ class SharedBroker(Broker):
         except TierUnavailable as exc:
             log.warning("queue tier pause of %r not applied yet: %s", job_type, exc)
         self._return_excess()
-        self._feed_wakeup.set()
+        self._hear(job_type)
 
     async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
         await super().set_limit(job_type, limit)
@@ -557,7 +568,7 @@ class SharedBroker(Broker):
                 await self._call(functools.partial(tier.set_limit, job_type, limit), tier)
             except TierUnavailable as exc:
                 log.warning("queue tier limits of %r not applied yet: %s", job_type, exc)
-        self._feed_wakeup.set()
+        self._hear(job_type)
 
     async def limits(self) -> Mapping[str, TypeLimit]:
         """The cluster's limits, as the record store has them (set on any instance)."""
@@ -663,9 +674,27 @@ class SharedBroker(Broker):
     def _on_ready(self, job_type: str) -> None:
         if not job_type:
             self._due_dirty = True
+            self._hear(None)
+        else:
+            self._hear(job_type)
+
+    def _hear(self, job_type: str | None) -> None:
+        """The tier may hold new ready jobs of ``job_type`` (None: of any type)."""
+        self._heard += 1
+        if job_type is None:
+            self._heard_all = self._heard
             self._feed_wakeup.set()
-        elif self.core.dispatcher.credit(job_type):
-            self._feed_wakeup.set()
+        else:
+            self._heard_by_type[job_type] = self._heard
+            if self.core.dispatcher.credit(job_type):
+                self._feed_wakeup.set()
+
+    def _is_quiet(self, job_type: str) -> bool:
+        """Whether a claim of ``job_type`` would find nothing, as far as we heard."""
+        mark = self._quiet.get(job_type)
+        if mark is None:
+            return False
+        return mark >= max(self._heard_by_type.get(job_type, 0), self._heard_all)
 
     async def drain(self, grace: float) -> None:
         await super().drain(grace)
@@ -693,9 +722,13 @@ class SharedBroker(Broker):
             self._rate_waits = {t: at for t, at in self._rate_waits.items() if at > now}
             if self._rate_waits:
                 timeout = min(timeout, min(self._rate_waits.values()) - now)
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout) as waited:
                 await self._feed_wakeup.wait()
             self._feed_wakeup = trio.Event()
+            if waited.cancelled_caught:
+                # a due time, a rate limit's next token, or the poll period (the
+                # safety net for a lost message): look at every type again
+                self._hear(None)
             self._return_excess()
             tier = self.active()
             if self.draining or tier is None:
@@ -706,19 +739,29 @@ class SharedBroker(Broker):
                 log.debug("claim failed: %s", exc)
 
     async def _feed_once(self, tier: Tier) -> None:
-        if self._due_dirty or (self._next_due is not None and self._next_due <= self.clock.now()):
+        due = self._next_due is not None and self._next_due <= self.clock.now()
+        if due:
+            self._hear(None)  # due jobs become claimable (of any type)
+        if self._due_dirty or due:
             self._due_dirty = False
             self._next_due = await self._call(tier.next_due, tier)
         for job_type in sorted(self.core.dispatcher.wanted_types()):
             while (want := self.core.demand(job_type)) > 0 and not self.draining:
+                if self._is_quiet(job_type):
+                    break
                 limit = min(want, self.claim_batch)
+                heard = self._heard
                 claims = await self._claim(tier, job_type, limit)
                 if claims:
                     # Deliver them; not self.changed(), which would wake this
                     # loop again for nothing (it goes on while demand remains).
                     Broker.changed(self)
                 if len(claims) < limit:
+                    # Nothing more now (or a limit holds the rest: its next token
+                    # or the end of a claim wakes us).
+                    self._quiet[job_type] = heard
                     break
+                self._quiet.pop(job_type, None)
 
     async def _tier_writer(self) -> None:
         """Apply settles and pushes in batches; one tier operation each."""
@@ -1005,5 +1048,5 @@ class SharedBroker(Broker):
             if not after:
                 break
         self._due_dirty = True
-        self._feed_wakeup.set()
+        self._hear(None)
         return pushed
