@@ -25,7 +25,7 @@ from typing import Any
 
 from . import profile as profiling
 from .scenarios import BY_NAME, SCENARIOS, Ctx, Scenario
-from .server import REPO, BenchError, loadavg
+from .server import REPO, BenchError, NotApplicable, loadavg
 
 RESULTS = REPO / "bench" / "results"
 PROFILE_RATE = 250  # py-spy samples per second (bench.server.Profiler's default)
@@ -156,6 +156,9 @@ def table(results: dict[str, Any], repeat: int) -> str:
         if entry.get("error"):
             rows.append((name, "ERROR", entry["error"].splitlines()[0][:80], "", "", "", ""))
             continue
+        if entry.get("not_applicable"):
+            rows.append((name, f"n/a ({entry['not_applicable']})", "", "", "", "", ""))
+            continue
         med = entry["median"]
         first = True
         for metric in scenario.metrics:
@@ -214,6 +217,9 @@ def run_scenario(ctx: Ctx, scenario: Scenario, repeat: int) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
             metrics = scenario.fn(ctx)
+        except NotApplicable as exc:  # not a failure: shown as n/a, no further runs
+            print(f"  {scenario.name}: n/a ({exc})", file=sys.stderr)
+            return {"about": scenario.about, "runs": [], "not_applicable": str(exc)}
         except Exception as exc:  # noqa: BLE001 - report the scenario as ERROR, go on with the rest
             errors.append(f"{type(exc).__name__}: {exc}")
             print(f"  {scenario.name} run {index + 1}: FAILED: {exc}", file=sys.stderr)

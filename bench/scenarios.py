@@ -13,12 +13,12 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
 
-from .server import BenchError, BenchServer, Child, Meter, Profiler
+from .server import BenchError, BenchServer, Child, Meter, NotApplicable, Profiler
 
 JOB_TYPE = "bench"
 
@@ -53,44 +53,67 @@ class Ctx:
 
     @contextlib.contextmanager
     def server(self) -> Iterator[BenchServer]:
-        label = self._label("server")
-        server = BenchServer(self.backend, self.workroot / label, self.server_args)
-        try:
-            server.start()
+        with self.servers(1) as (server,):
             yield server
+
+    @contextlib.contextmanager
+    def servers(self, n: int, extra_args: Sequence[str] = ()) -> Iterator[list[BenchServer]]:
+        """n servers on one fresh schema (and Redis prefix), each with its own port,
+        workdir and log: a cluster (n > 1 needs --backend postgres or redis). Started
+        one after the other (the first migrates the schema); all are stopped before the
+        first, the owner, drops the schema. ``extra_args`` follow ``--server-arg``'s."""
+        args = [*self.server_args, *extra_args]
+        labels = [self._label("server" if n == 1 else f"server{i}") for i in range(n)]
+        cluster: list[BenchServer] = []
+        for label in labels:
+            share = cluster[0] if cluster else None
+            cluster.append(BenchServer(self.backend, self.workroot / label, args, share_with=share))
+        try:
+            for server in cluster:
+                server.start()
+            yield cluster
         except BaseException:
-            server.kill()
+            for server in cluster:
+                server.kill()
             raise
         finally:
-            server.stop()
-            try:
-                server.cleanup()
-            except Exception as exc:  # noqa: BLE001 - report, do not mask the run's outcome
-                print(f"cleanup of {label} failed: {exc}", file=sys.stderr)
-            log = server.log_path
-            if log.exists():
-                shutil.copy(log, self.artifacts / f"{label}.log")
-            shutil.rmtree(server.workdir, ignore_errors=True)
+            for server in reversed(cluster):
+                server.stop()
+            for label, server in zip(labels, cluster, strict=True):
+                try:
+                    server.cleanup()
+                except Exception as exc:  # noqa: BLE001 - report, do not mask the run's outcome
+                    print(f"cleanup of {label} failed: {exc}", file=sys.stderr)
+                log = server.log_path
+                if log.exists():
+                    shutil.copy(log, self.artifacts / f"{label}.log")
+                shutil.rmtree(server.workdir, ignore_errors=True)
 
     def child(self, role: str, config: dict[str, Any]) -> Child:
         return Child(role, config, self.artifacts / f"{self._label(role)}.log")
 
     @contextlib.contextmanager
     def window(
-        self, server: BenchServer, what: str, children: Iterable[Child] = ()
+        self,
+        server: BenchServer | Sequence[BenchServer],
+        what: str,
+        children: Iterable[Child] = (),
     ) -> Iterator[dict[str, Any]]:
-        """Measure server CPU (and machine load) over a block; with --profile, py-spy
-        samples the server and the given children (producers, workers) meanwhile."""
+        """Measure server CPU (summed over a cluster's servers) and machine load over a
+        block; with --profile, py-spy samples the server(s) and the given children
+        (producers, workers) meanwhile."""
+        servers = [server] if isinstance(server, BenchServer) else list(server)
         profilers: list[tuple[str, Profiler]] = []
         if self.profile:
             label = self._label(what)
-            profilers.append(
-                ("profile", Profiler(server.pid, self.artifacts / f"{label}.server.pyspy.raw"))
-            )
+            for j, srv in enumerate(servers):
+                name = "server" if len(servers) == 1 else f"server{j}"
+                out = self.artifacts / f"{label}.{name}.pyspy.raw"
+                profilers.append(("profile", Profiler(srv.pid, out)))
             for i, child in enumerate(children):
                 out = self.artifacts / f"{label}.{child.role}{i}.pyspy.raw"
                 profilers.append((f"{child.role}_profile", Profiler(child.proc.pid, out)))
-        meter = Meter(server.pid).start()
+        meter = Meter(*(srv.pid for srv in servers)).start()
         out: dict[str, Any] = {}
         try:
             yield out
@@ -99,38 +122,46 @@ class Ctx:
             for key, profiler in profilers:
                 path = profiler.stop()
                 if path is not None:
-                    if key == "profile":
+                    if key == "profile" and len(servers) == 1:
                         out[key] = str(path)
                     else:
                         out.setdefault(key, []).append(str(path))
 
 
 class StatsProbe:
-    """``GetStats`` over grpcio, from the orchestrator (about 3 ms of server CPU per 10 calls)."""
+    """``GetStats`` over grpcio, from the orchestrator (about 3 ms of server CPU per 10 calls).
 
-    def __init__(self, address: str) -> None:
+    Given a cluster's addresses, :meth:`completed` sums the servers' counters (each
+    counts the acks it took); the other readings are the first server's (``queued`` is
+    the cluster's there: the shared tier's)."""
+
+    def __init__(self, address: str, *more: str) -> None:
         import grpc
 
         from stackduck_trio._proto import stackduck_pb2 as pb
         from stackduck_trio._proto import stackduck_pb2_grpc as rpc
 
         self._pb = pb
-        self._channel = grpc.insecure_channel(address)
-        self._stub = rpc.StackDuckServiceStub(self._channel)
+        self._channels = [grpc.insecure_channel(a) for a in (address, *more)]
+        self._stubs = [rpc.StackDuckServiceStub(c) for c in self._channels]
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
-    def of(self, job_type: str = JOB_TYPE) -> Any:
-        response = self._stub.GetStats(self._pb.GetStatsRequest(), timeout=30)
+    def of(self, job_type: str = JOB_TYPE, index: int = 0) -> Any:
+        response = self._stubs[index].GetStats(self._pb.GetStatsRequest(), timeout=30)
         for t in response.types:
             if t.job_type == job_type:
                 return t
         return None
 
     def completed(self, job_type: str = JOB_TYPE) -> int:
-        t = self.of(job_type)
-        return 0 if t is None else int(t.completed)
+        total = 0
+        for index in range(len(self._stubs)):
+            t = self.of(job_type, index)
+            total += 0 if t is None else int(t.completed)
+        return total
 
     def queued(self, job_type: str = JOB_TYPE) -> int:
         t = self.of(job_type)
@@ -173,32 +204,53 @@ def run_producer(
     ctx: Ctx, server: BenchServer, role: str, config: dict[str, Any], what: str
 ) -> dict[str, Any]:
     """One producer child, measured from ``go`` to its result."""
-    child = ctx.child(role, {"address": server.address, **config})
+    return run_producers(ctx, [server], role, config, what)
+
+
+def run_producers(
+    ctx: Ctx, servers: Sequence[BenchServer], role: str, config: dict[str, Any], what: str
+) -> dict[str, Any]:
+    """One producer child per server (each with ``config``), all sent ``go`` together;
+    the rate is all their jobs over [the first start, the last producer's last answer],
+    the server CPU the servers' sum."""
+    children = [ctx.child(role, {"address": s.address, **config}) for s in servers]
     try:
-        child.expect("READY", 60)
-        with ctx.window(server, what, [child]) as win:
-            child.send("go")
-            result = child.expect("RESULT", _timeout(int(config.get("n", 0))))
-        child.finish()
+        for child in children:
+            child.expect("READY", 60)
+        with ctx.window(servers, what, children) as win:
+            for child in children:
+                child.send("go")
+            timeout = _timeout(int(config.get("n", 0)))
+            results = [child.expect("RESULT", timeout) for child in children]
+        for child in children:
+            child.finish()
     finally:
-        child.kill()
-    n = int(result["sent"])
-    duration = result["t_end"] - result["t_start"]
+        for child in children:
+            child.kill()
+    n = sum(int(r["sent"]) for r in results)
+    duration = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
     out = {
         "jobs": n,
         "duration_s": duration,
         "rate": n / duration if duration > 0 else float("nan"),
         "server_cpu_us_per_job": per_job_us(win["server_cpu_s"], n),
-        "client_cpu_us_per_job": per_job_us(result["cpu_s"], n),
+        "client_cpu_us_per_job": per_job_us(sum(r["cpu_s"] for r in results), n),
         "machine_busy_pct": win["machine_busy_pct"],
-        "errors": result["errors"],
+        "errors": sum(r["errors"] for r in results),
     }
-    if result.get("first_errors"):
-        out["first_errors"] = result["first_errors"]
+    if len(results) > 1:
+        out["producer_rates"] = [
+            r["sent"] / (r["t_end"] - r["t_start"]) if r["t_end"] > r["t_start"] else None
+            for r in results
+        ]
+        out["server_cpu_s_each"] = win["server_cpu_s_each"]
+    first_errors = [e for r in results for e in r.get("first_errors") or ()]
+    if first_errors:
+        out["first_errors"] = first_errors[:3]
     out.update({k: v for k, v in win.items() if k.endswith("profile")})
-    if "rtts" in result:
-        out["_rtts"] = result["rtts"]
-        out["_late_count"] = result.get("late_count", 0)
+    if any("rtts" in r for r in results):
+        out["_rtts"] = [v for r in results for v in r.get("rtts", ())]
+        out["_late_count"] = sum(r.get("late_count", 0) for r in results)
     return out
 
 
@@ -213,10 +265,17 @@ def fill(ctx: Ctx, server: BenchServer, n: int, batch: int = 5000) -> dict[str, 
     )
 
 
-def start_workers(ctx: Ctx, server: BenchServer, count: int, **config: Any) -> list[Child]:
+def start_workers(
+    ctx: Ctx, server: BenchServer | Sequence[BenchServer], count: int, **config: Any
+) -> list[Child]:
+    """``count`` worker children; given a cluster, worker i connects to server i mod n."""
+    servers = [server] if isinstance(server, BenchServer) else list(server)
     workers = [
-        ctx.child("worker", {"address": server.address, "job_type": JOB_TYPE, **config})
-        for _ in range(count)
+        ctx.child(
+            "worker",
+            {"address": servers[i % len(servers)].address, "job_type": JOB_TYPE, **config},
+        )
+        for i in range(count)
     ]
     for w in workers:
         w.expect("READY", 60)
@@ -236,7 +295,7 @@ def stop_workers(workers: list[Child]) -> list[dict[str, Any]]:
 
 def drain(
     ctx: Ctx,
-    server: BenchServer,
+    server: BenchServer | Sequence[BenchServer],
     probe: StatsProbe,
     *,
     workers: int,
@@ -246,7 +305,8 @@ def drain(
 ) -> dict[str, Any]:
     """Start ``workers`` worker processes on a queue holding (at least) ``jobs`` jobs and
     measure until ``jobs`` more completions; the rate is over [first handler start,
-    the ack that reached ``jobs``]."""
+    the ack that reached ``jobs``]. Given a cluster (and a probe of all its servers),
+    the workers are spread over the servers and the server CPU is their sum."""
     base = probe.completed()
     children = start_workers(
         ctx, server, workers, track_acks=True, marks=[jobs], **(worker_config or {})
@@ -589,6 +649,65 @@ def big_queue(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def _cluster_round(
+    ctx: Ctx, n: int, per_producer: int, extra_args: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A fresh cluster of n servers: one inflight producer per server (as
+    enqueue_inflight), then the n * per_producer jobs drained by one worker per server."""
+    total = per_producer * n
+    with ctx.servers(n, extra_args) as cluster:
+        probe = StatsProbe(*(s.address for s in cluster))
+        try:
+            enq = run_producers(
+                ctx,
+                cluster,
+                "producer",
+                {"mode": "inflight", "n": per_producer, "concurrency": 64},
+                f"enqueue-{n}",
+            )
+            if enq["errors"]:
+                raise BenchError(
+                    f"{enq['errors']} enqueue errors with {n} servers: {enq.get('first_errors')}"
+                )
+            probe.wait(lambda: probe.queued() >= total, 60, "the queue to fill")
+            dr = drain(ctx, cluster, probe, workers=n, jobs=total, what=f"drain-{n}")
+        finally:
+            probe.close()
+    return enq, dr
+
+
+def scale_servers(ctx: Ctx) -> dict[str, Any]:
+    """Throughput of 1 vs 2 servers sharing one record store (and queue tier), each N
+    on a fresh schema: enqueue with one producer per server, then drain with one worker
+    (default settings) per server."""
+    if ctx.backend not in ("redis", "postgres"):
+        raise NotApplicable("needs --backend redis or postgres")
+    # redis: REDIS_URL makes the tier redis; postgres: the record store is the queue
+    # tier (without --queue postgres each server would keep a queue of its own)
+    extra = ["--queue", "postgres"] if ctx.backend == "postgres" else []
+    per_producer = ctx.size(20_000)  # as enqueue_inflight
+    out: dict[str, Any] = {"jobs_per_producer": per_producer}
+    for n in (1, 2):
+        enq, dr = _cluster_round(ctx, n, per_producer, extra)
+        out[f"enqueue_{n}"] = enq["rate"]
+        out[f"drain_{n}"] = dr["rate"]
+        for phase, res in (("enqueue", enq), ("drain", dr)):
+            out[f"{phase}_server_cpu_us_per_job_{n}"] = res["server_cpu_us_per_job"]
+            out[f"{phase}_machine_busy_pct_{n}"] = res["machine_busy_pct"]
+            for key, value in res.items():
+                if key.endswith("profile"):
+                    out[f"{phase}_{n}_{key}"] = value
+        out[f"enqueue_client_cpu_us_per_job_{n}"] = enq["client_cpu_us_per_job"]
+        out[f"drain_worker_cpu_us_per_job_{n}"] = dr["worker_cpu_us_per_job"]
+        out[f"drain_startup_ms_{n}"] = dr["startup_ms"]
+        out[f"drain_handled_per_worker_{n}"] = dr["handled_per_worker"]
+        if n > 1:
+            out[f"enqueue_producer_rates_{n}"] = enq["producer_rates"]
+    out["enqueue_gain"] = out["enqueue_2"] / out["enqueue_1"]
+    out["drain_gain"] = out["drain_2"] / out["drain_1"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # registry
 # ---------------------------------------------------------------------------------------
@@ -775,6 +894,29 @@ SCENARIOS: tuple[Scenario, ...] = (
             Metric("fill_rate", "fill (EnqueueJobs 5k x 2)", "/s"),
             Metric("rss_full_mb", "server RSS, N queued", "MB"),
             Metric("restart_s", "restart with N queued (not memory)", "s"),
+        ),
+    ),
+    Scenario(
+        "scale_servers",
+        scale_servers,
+        "1 vs 2 servers sharing PostgreSQL (+ Redis): one producer (64 in flight), then one "
+        "Worker, per server (redis/postgres only; on 2 cores the servers, producers, "
+        "workers and databases share the two cores)",
+        (
+            Metric("enqueue_1", "enqueue, 1 server", "/s"),
+            Metric("enqueue_2", "enqueue, 2 servers", "/s"),
+            Metric("enqueue_gain", "enqueue gain, 2 vs 1", "x"),
+            Metric("drain_1", "drain, 1 server", "/s"),
+            Metric("drain_2", "drain, 2 servers", "/s"),
+            Metric("drain_gain", "drain gain, 2 vs 1", "x"),
+            Metric("enqueue_server_cpu_us_per_job_1", "enqueue servers' CPU / job, 1", "us"),
+            Metric("enqueue_server_cpu_us_per_job_2", "enqueue servers' CPU / job, 2", "us"),
+            Metric("drain_server_cpu_us_per_job_1", "drain servers' CPU / job, 1", "us"),
+            Metric("drain_server_cpu_us_per_job_2", "drain servers' CPU / job, 2", "us"),
+            Metric("enqueue_machine_busy_pct_1", "machine busy, enqueue, 1", "%"),
+            Metric("enqueue_machine_busy_pct_2", "machine busy, enqueue, 2", "%"),
+            Metric("drain_machine_busy_pct_1", "machine busy, drain, 1", "%"),
+            Metric("drain_machine_busy_pct_2", "machine busy, drain, 2", "%"),
         ),
     ),
 )

@@ -32,6 +32,11 @@ class BenchError(RuntimeError):
     """A scenario could not run (a process failed or timed out)."""
 
 
+class NotApplicable(Exception):
+    """The scenario does not apply to this backend: the table shows ``n/a (reason)``,
+    and it does not count as a failure."""
+
+
 # ---------------------------------------------------------------------------------------
 # /proc
 # ---------------------------------------------------------------------------------------
@@ -71,28 +76,33 @@ def loadavg() -> list[float]:
 
 
 class Meter:
-    """CPU of a process and of the machine over a window: ``start()`` ... ``stop()``."""
+    """CPU of a process (or the sum over several: the servers of a cluster) and of the
+    machine over a window: ``start()`` ... ``stop()``."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.t0 = self.cpu0 = 0.0
+    def __init__(self, pid: int, *more_pids: int) -> None:
+        self.pids = (pid, *more_pids)
+        self.t0 = 0.0
+        self.cpu0: list[float] = []
         self.machine0 = (0.0, 0.0)
 
     def start(self) -> Meter:
         self.t0 = time.time()
-        self.cpu0 = proc_cpu_seconds(self.pid)
+        self.cpu0 = [proc_cpu_seconds(pid) for pid in self.pids]
         self.machine0 = machine_cpu()
         return self
 
-    def stop(self) -> dict[str, float]:
-        cpu = proc_cpu_seconds(self.pid) - self.cpu0
+    def stop(self) -> dict[str, Any]:
+        each = [proc_cpu_seconds(pid) - c0 for pid, c0 in zip(self.pids, self.cpu0, strict=True)]
         busy, total = machine_cpu()
         d_total = total - self.machine0[1]
-        return {
+        out: dict[str, Any] = {
             "wall_s": time.time() - self.t0,
-            "server_cpu_s": cpu,
+            "server_cpu_s": sum(each),
             "machine_busy_pct": 100.0 * (busy - self.machine0[0]) / d_total if d_total else 0.0,
         }
+        if len(each) > 1:
+            out["server_cpu_s_each"] = each
+        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,9 +236,24 @@ class BenchServer:
             :meth:`cleanup`).
         workdir: where the data directory, ready file and log live.
         extra_args: more ``serve`` flags (``--server-arg``).
+        share_with: another server (``postgres`` or ``redis``) whose schema and Redis
+            prefix this one uses too, so that they form a cluster; start it after that
+            one. Only the owner (the server created without ``share_with``) drops the
+            schema and deletes the keys in :meth:`cleanup`: stop every sharer first.
     """
 
-    def __init__(self, backend: str, workdir: pathlib.Path, extra_args: list[str]) -> None:
+    def __init__(
+        self,
+        backend: str,
+        workdir: pathlib.Path,
+        extra_args: list[str],
+        *,
+        share_with: BenchServer | None = None,
+    ) -> None:
+        if share_with is not None and (
+            share_with.backend != backend or backend not in ("postgres", "redis")
+        ):
+            raise ValueError(f"a {backend} server cannot share a {share_with.backend} store")
         self.backend = backend
         self.workdir = workdir
         self.extra_args = list(extra_args)
@@ -236,7 +261,10 @@ class BenchServer:
         self.port: int | None = None
         self.log_path = workdir / "server.log"
         self.data_dir = workdir / "data"
-        self.schema = f"stackduck_bench_{os.urandom(6).hex()}"
+        self.owner = share_with is None
+        self.schema = (
+            f"stackduck_bench_{os.urandom(6).hex()}" if share_with is None else share_with.schema
+        )
         self._schema_used = False
 
     def _database_url(self, with_schema: bool = True) -> str:
@@ -250,8 +278,9 @@ class BenchServer:
         return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
     def cleanup(self) -> None:
-        """Drop the PostgreSQL schema of this server (after :meth:`stop`)."""
-        if self.backend not in ("postgres", "redis") or not self._schema_used:
+        """Drop the PostgreSQL schema (and Redis keys) of this server (after :meth:`stop`);
+        a server sharing another's leaves them to that owner."""
+        if self.backend not in ("postgres", "redis") or not self._schema_used or not self.owner:
             return
         if self.backend == "redis":
             import redis
