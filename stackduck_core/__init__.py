@@ -75,6 +75,7 @@ from ._job import validate_prefetch as validate_prefetch
 from ._limits import MAX_BURST as MAX_BURST
 from ._limits import MAX_RATE as MAX_RATE
 from ._limits import MAX_RUNNING as MAX_RUNNING
+from ._limits import MIN_RATE as MIN_RATE
 from ._limits import Allowance as Allowance
 from ._limits import Limiter as Limiter
 from ._limits import TypeLimit as TypeLimit

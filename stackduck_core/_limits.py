@@ -38,6 +38,7 @@ from ._ratelimit import RateLimit, gcra, gcra_allowance
 __all__ = [
     "MAX_BURST",
     "MAX_RATE",
+    "MIN_RATE",
     "MAX_RUNNING",
     "Allowance",
     "Limiter",
@@ -48,6 +49,9 @@ __all__ = [
 
 #: Bounds of the settings (far beyond any real use; they keep the numbers sane).
 MAX_RATE: Final = 1_000_000.0
+#: One job per 11.6 days: slower rates would put the next start at a time no
+#: clock can hold (a subnormal rate makes the interval infinite).
+MIN_RATE: Final = 1e-6
 MAX_BURST: Final = 1_000_000
 MAX_RUNNING: Final = 1_000_000
 
@@ -169,10 +173,10 @@ def limit_from_wire(
     problem = validate_job_type(job_type, limits or Limits())
     if problem is not None:
         return problem
-    if not (math.isfinite(rate) and 0 <= rate <= MAX_RATE):
+    if not (math.isfinite(rate) and (rate == 0 or MIN_RATE <= rate <= MAX_RATE)):
         return Rejected(
             RejectReason.INVALID_ARGUMENT,
-            f"rate must be 0 (none) or up to {MAX_RATE:g} jobs per second, got {rate!r}",
+            f"rate must be 0 (none) or {MIN_RATE:g} to {MAX_RATE:g} jobs per second, got {rate!r}",
             "rate",
         )
     if not 0 <= burst <= MAX_BURST:
@@ -257,14 +261,18 @@ class Limiter:
     def set(self, job_type: str, limit: TypeLimit | None) -> None:
         """Set, change or (None) remove a type's limits.
 
-        Changing a limit keeps the rate's TAT (no fresh burst by
-        re-configuring); removing the rate forgets it.
+        The rate's state (its TAT) is kept while the rate and burst stay
+        the same (changing ``max_running`` alone gives no fresh burst); a new
+        rate or burst starts afresh -- a TAT measured in the old rate's
+        intervals would mean a wrong debt in the new one (raising 1/s to
+        100/s after a burst of 100 would block the type for 99 s).
         """
+        old = self._limits.get(job_type)
         if limit is None:
             self._limits.pop(job_type, None)
         else:
             self._limits[job_type] = limit
-        if limit is None or limit.rate is None:
+        if limit is None or old is None or limit.rate != old.rate:
             self._tats.pop(job_type, None)
 
     def get(self, job_type: str) -> TypeLimit | None:

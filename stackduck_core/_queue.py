@@ -670,9 +670,9 @@ class QueueCore:
     def dead_before(self, before: float, limit: int) -> list[str]:
         """Ids of up to ``limit`` dead-lettered jobs that died before ``before``.
 
-        Oldest deaths first (retention purges them). A job's time of death
-        is its ``completed_at``; the order they died in is the order looked
-        at, so the scan stops at the first one young enough to keep.
+        In the order they died here (retention purges them). A job's time of
+        death is its ``completed_at``; jobs restored at start are in the
+        record store's order, so a young one does not end the scan.
         """
         found: list[str] = []
         for dead_seq, job_id in self._dead_order:
@@ -681,9 +681,8 @@ class QueueCore:
             if self._dead.get(job_id) != dead_seq:
                 continue  # requeued or purged since
             # (rows of old versions may lack the time: as the stores, 0)
-            if (self._jobs[job_id].completed_at or 0.0) >= before:
-                break
-            found.append(job_id)
+            if (self._jobs[job_id].completed_at or 0.0) < before:
+                found.append(job_id)
         return found
 
     def dead(

@@ -57,7 +57,7 @@ from stackduck_core import (
     TypeLimit,
     validate_enqueue,
 )
-from stackduck_core._failover import Durability, EnqueueMode, Route, route
+from stackduck_core._failover import Durability, EnqueueMode, Health, Route, route
 
 from ._clock import Clock
 from ._store import GroupCommitter, StorageUnavailable, Written
@@ -835,8 +835,11 @@ class Broker:
         while True:
             try:
                 await self.prune(completed, dead, batch=batch)
-            except Unavailable as exc:
+            except (Unavailable, OutcomeUnknown) as exc:
                 log.warning("retention: %s; next try in %g s", exc, interval)
+            except Exception:
+                # A maintenance pass must not take the server down with it.
+                log.exception("retention pass failed; next try in %g s", interval)
             await trio.sleep(interval)
 
     async def prune(self, completed: float, dead: float, *, batch: int = 500) -> tuple[int, int]:
@@ -848,6 +851,8 @@ class Broker:
         now = self.clock.now()
         backend = self.committer.backend
         finished = dead_n = 0
+        if self.committer.health.state is not Health.HEALTHY:
+            raise Unavailable(f"the record store is {self.committer.health.state.value}")
         if completed:
             finished = await self._prune_batches(
                 functools.partial(backend.prune_finished, now - completed), batch

@@ -191,6 +191,13 @@ class PostgresTier:
         self._q_limit_lock = sql.SQL(
             "SELECT rate, burst, max_running, tat FROM {limits} WHERE job_type = %s FOR UPDATE"
         ).format(limits=limits)
+        # Whether a limit held anything back: a claimable row of the type exists.
+        self._q_any_ready = sql.SQL(
+            "SELECT {not_paused} AND (EXISTS (SELECT 1 FROM {jobs} WHERE job_type = %(type)s "
+            "AND status = 'queued' AND claim_token IS NULL AND claim_owner IS NULL) "
+            "OR EXISTS (SELECT 1 FROM {jobs} WHERE job_type = %(type)s AND status = 'scheduled' "
+            "AND claim_token IS NULL AND claim_owner IS NULL AND scheduled_at <= %(now)s))"
+        ).format(jobs=jobs, not_paused=not_paused)
         self._q_claimed_count = sql.SQL(
             "SELECT count(*) FROM {jobs} WHERE claim_token IS NOT NULL AND job_type = %s"
         ).format(jobs=jobs)
@@ -295,19 +302,26 @@ class PostgresTier:
             counted = conn.execute(self._q_claimed_count, (job_type,)).fetchone()
             running = int(counted[0]) if counted else 0
             allowance = rules.decide(limit, tat=tat, now=now, running=running)
-            if not allowance.granted:
-                return [], allowance
-            rows = conn.execute(self._q_claim, {**params, "limit": allowance.granted}).fetchall()
+            rows: list[tuple[Any, ...]] = []
+            if allowance.granted:
+                rows = conn.execute(
+                    self._q_claim, {**params, "limit": allowance.granted}
+                ).fetchall()
             if rules.rate is not None and rows:
                 conn.execute(self._q_set_tat, (rules.taken(len(rows), tat=tat, now=now), job_type))
-            return rows, allowance
+            if allowance.held is None or len(rows) < allowance.granted:
+                return rows, None  # nothing held back: fewer were ready
+            # A limit held back only what exists (the other tiers cap the
+            # demand by their ready count): is anything claimable left?
+            found = conn.execute(self._q_any_ready, params).fetchone()
+            return rows, allowance if found and found[0] else None
 
         rows, allowance = await self._run("claim", claim)
         # RETURNING has no order: sort by the placement the query picked by.
         rows.sort(key=lambda r: (r[-2], r[-1], r[0]))
         claims = (Claim(row_to_job(r[: len(_COLUMNS)]), token, owner, until) for r in rows)
-        if allowance is None or (rows and len(rows) < allowance.granted):
-            return Claims(claims)  # nothing held back: fewer were ready
+        if allowance is None:
+            return Claims(claims)
         return Claims.limited(claims, allowance.held, allowance.retry_at)
 
     async def settle(self, items: Sequence[tuple[str, str, Job | None]]) -> list[bool]:
@@ -395,6 +409,14 @@ class PostgresTier:
             self._notify(conn, {job_type})
 
         await self._run("set limit", store)
+
+    async def limited_types(self) -> frozenset[str]:
+        backend = self.backend
+
+        def limited(conn: psycopg.Connection[Any]) -> frozenset[str]:
+            return frozenset(str(r[0]) for r in conn.execute(backend._q_limits).fetchall())
+
+        return await self._run("limits", limited)
 
     async def paused(self) -> frozenset[str]:
         def paused(conn: psycopg.Connection[Any]) -> frozenset[str]:

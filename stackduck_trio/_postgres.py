@@ -797,13 +797,15 @@ class PostgresBackend:
             paused=paused
         )
         limits = sql.Identifier(self.schema, "type_limits")
-        # Changing a limit keeps the rate's state (tat): no fresh burst.
+        # The rate's state (tat) is kept only while the rate and burst stay the
+        # same (stackduck_core.Limiter.set says why).
         self._q_set_limit = sql.SQL(
             "INSERT INTO {limits} (job_type, rate, burst, max_running, updated_at) "
             "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (job_type) DO UPDATE SET "
             "rate = excluded.rate, burst = excluded.burst, max_running = excluded.max_running, "
             "updated_at = excluded.updated_at, "
-            "tat = CASE WHEN excluded.rate IS NULL THEN NULL ELSE {limits}.tat END"
+            "tat = CASE WHEN excluded.rate IS NOT DISTINCT FROM {limits}.rate "
+            "AND excluded.burst IS NOT DISTINCT FROM {limits}.burst THEN {limits}.tat END"
         ).format(limits=limits)
         self._q_clear_limit = sql.SQL("DELETE FROM {limits} WHERE job_type = %s").format(
             limits=limits

@@ -43,6 +43,7 @@ What changes from the embedded :class:`~stackduck_trio._broker.Broker`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -166,6 +167,8 @@ class SharedBroker(Broker):
         self.claimed = 0
         # job type -> when the tier's rate limit lets its next job go
         self._rate_waits: dict[str, float] = {}
+        # tiers a limit change could not reach (retried by the renew loop)
+        self._limits_unsynced: set[Tier] = set()
         self.dropped_settles = 0
         self.reaped = 0
         self.swept = 0
@@ -274,6 +277,10 @@ class SharedBroker(Broker):
                     exc,
                     len(fresh),
                 )
+                # The rows are there already: this only wakes the instances
+                # claiming from the record store (NOTIFY).
+                with contextlib.suppress(TierUnavailable):
+                    await self._call(functools.partial(self.fallback.push, fresh), self.fallback)
                 return
             log.warning("queue tier push failed (%s): %d new jobs queued here", exc, len(fresh))
             super()._admit_new([job for job in fresh if self.core.get(job.id) is None])
@@ -567,15 +574,22 @@ class SharedBroker(Broker):
             try:
                 await self._call(functools.partial(tier.set_limit, job_type, limit), tier)
             except TierUnavailable as exc:
+                # applied with every other limit by the renew loop (or a reconcile)
                 log.warning("queue tier limits of %r not applied yet: %s", job_type, exc)
+                self._limits_unsynced.add(tier)
         self._hear(job_type)
 
     async def limits(self) -> Mapping[str, TypeLimit]:
-        """The cluster's limits, as the record store has them (set on any instance)."""
+        """The cluster's limits, as the record store has them (set on any instance);
+        this instance's last view while the store is away."""
         try:
-            stored = await self._blocking(self.committer.backend.load_limits)
+            return await self._stored_limits()
         except Unavailable:
             return self.limiter.limits()
+
+    async def _stored_limits(self) -> Mapping[str, TypeLimit]:
+        """The record store's limits (also made this instance's view)."""
+        stored = await self._blocking(self.committer.backend.load_limits)
         for job_type in set(self.limiter.limits()) - set(stored):
             self.limiter.set(job_type, None)
         for job_type, limit in stored.items():
@@ -588,8 +602,20 @@ class SharedBroker(Broker):
         return await self._prune_batches(functools.partial(backend.prune_dead, before), batch)
 
     async def _tier_limits(self, tier: Tier) -> None:
-        for job_type, limit in sorted(self.limiter.limits().items()):
+        """Make the tier's limits the record store's.
+
+        The tier's types are listed *before* the store is read: a limit set
+        meanwhile on another instance (store first, then tier) is then either
+        not listed yet or already read from the store, never taken for stale.
+        """
+        in_tier = await self._call(tier.limited_types, tier)
+        limits = await self._stored_limits()
+        stale = in_tier - limits.keys()
+        for job_type in sorted(stale):  # cleared while the tier was away
+            await self._call(functools.partial(tier.set_limit, job_type, None), tier)
+        for job_type, limit in sorted(limits.items()):
             await self._call(functools.partial(tier.set_limit, job_type, limit), tier)
+        self._limits_unsynced.discard(tier)
 
     async def statistics(self) -> QueueStats:
         """Queued: the cluster's (from the tier); scheduled and dead: the
@@ -719,7 +745,9 @@ class SharedBroker(Broker):
                 timeout = min(timeout, self._next_due - now)
             # a type held back by its rate limit: claim again when it allows
             # (a time that came was served by the last pass: dropped, no spin)
-            self._rate_waits = {t: at for t, at in self._rate_waits.items() if at > now}
+            for job_type in [t for t, at in self._rate_waits.items() if at <= now]:
+                del self._rate_waits[job_type]
+                self._hear(job_type)  # its next token is due: claim it again
             if self._rate_waits:
                 timeout = min(timeout, min(self._rate_waits.values()) - now)
             with trio.move_on_after(timeout) as waited:
@@ -832,6 +860,11 @@ class SharedBroker(Broker):
             by_tier: dict[Tier, list[tuple[str, str]]] = {}
             for job_id, (tier, token) in self._tokens.items():
                 by_tier.setdefault(tier, []).append((job_id, token))
+            for tier in list(self._limits_unsynced):
+                try:
+                    await self._tier_limits(tier)
+                except (TierUnavailable, Unavailable) as exc:
+                    log.debug("queue tier limits not applied yet: %s", exc)
             until = self.clock.now() + self.claim_seconds
             lost: list[str] = []
             for tier, items in by_tier.items():
@@ -1018,7 +1051,6 @@ class SharedBroker(Broker):
             return 0  # the record store is the tier: nothing to repair
         for job_type in sorted(self.core.paused):
             await self._call(functools.partial(tier.set_paused, job_type, True), tier)
-        await self.limits()  # the record store's, set on any instance
         await self._tier_limits(tier)
         local = [
             job

@@ -172,9 +172,14 @@ class QueueTier(Protocol):
     async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
         """Set (or with None, remove) the limits every claim of ``job_type`` obeys.
 
-        Changing a limit keeps the rate's state. Idempotent. While a type
+        The rate's state is kept while the rate and burst stay the same (as
+        :meth:`stackduck_core.Limiter.set`). Idempotent. While a type
         has a concurrency limit, the end of one of its claims wakes the
         instances waiting for that type (room for one more)."""
+        ...
+
+    async def limited_types(self) -> frozenset[str]:
+        """The job types that have limits in the tier."""
         ...
 
     async def next_due(self) -> float | None:
@@ -388,13 +393,17 @@ class MemoryTier:
         return frozenset(self._paused)
 
     async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        old = self._limits.get(job_type)
         if limit is None:
             self._limits.pop(job_type, None)
         else:
             self._limits[job_type] = limit
-        if limit is None or limit.rate is None:
+        if limit is None or old is None or limit.rate != old.rate:
             self._tats.pop(job_type, None)
         self._notify([job_type])  # a looser limit may let jobs go now
+
+    async def limited_types(self) -> frozenset[str]:
+        return frozenset(self._limits)
 
     async def next_due(self) -> float | None:
         return self._scheduled[0][0] if self._scheduled else None

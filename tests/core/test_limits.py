@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -145,6 +146,8 @@ def test_limit_from_wire() -> None:
         ("t", math.nan, 0, 0, "rate", "rate must be"),
         ("t", math.inf, 0, 0, "rate", "rate must be"),
         ("t", 2e6, 0, 0, "rate", "rate must be"),
+        ("t", 1e-310, 0, 0, "rate", "rate must be"),  # the interval would be infinite
+        ("t", 9e-7, 0, 0, "rate", "rate must be"),
         ("t", 1.0, -1, 0, "burst", "burst must be"),
         ("t", 1.0, MAX_BURST + 1, 0, "burst", "burst must be"),
         ("t", 0.0, 5, 0, "burst", "needs a rate"),
@@ -213,9 +216,13 @@ def test_limiter_counts_throttles_and_takes_tokens() -> None:
     assert limiter.throttled == {("t", "rate"): 2, ("t", "running"): 1}
     with pytest.raises(ValueError, match="exceed"):
         limiter.take("t", 1, now=0.5)
-    # changing the limit keeps the bucket's state: no fresh burst
+    # changing only max_running keeps the bucket's state: no fresh burst
     limiter.set("t", TypeLimit(rate=RateLimit(1.0, 2)))
     assert limiter.check("t", 1, now=0.5, running=0).granted == 0
+    # a new rate starts afresh (the old state is in the old rate's units)
+    limiter.set("t", TypeLimit(rate=RateLimit(100.0, 2)))
+    assert limiter.check("t", 2, now=0.5, running=0).granted == 2
+    limiter.take("t", 2, now=0.5)
     # a concurrency-only limit forgets the rate state
     limiter.set("t", TypeLimit(max_running=1))
     limiter.set("t", TypeLimit(rate=RateLimit(1.0, 2)))
@@ -299,3 +306,12 @@ def test_dead_before_lists_the_oldest_deaths_first() -> None:
     h.core.requeue("d1", now=h.now)  # no longer dead: skipped
     assert h.core.dead_before(h.now + 1, 10) == ["d2", "d3"]
     assert h.core.dead_before(h.now + 1, 0) == []
+
+
+def test_dead_before_does_not_stop_at_a_young_job() -> None:
+    """After a restart dead jobs come back in the store's order, not in death order."""
+    h = Harness()
+    young = h.dead_letter(job_id="young")
+    old = attrs.evolve(young, id="old", completed_at=young.completed_at - 100)  # type: ignore[operator]
+    h.core.restore(old, now=h.now)
+    assert h.core.dead_before(h.now - 50, 10) == ["old"]

@@ -316,3 +316,25 @@ async def test_a_lost_commit_answer_is_not_taken_for_a_refusal(
     assert h.backend.rows[job.id].status is Status.COMPLETED
     assert h.broker.committer.statistics().refused == 0
     del sid
+
+
+async def test_retention_survives_a_failing_store_and_prunes_once_it_is_back(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    job = await enqueue(h, max_retries=0)
+    _, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=1, lease_seconds=600)
+    running = await jobs.receive()
+    dead = await h.broker.fail(job.id, running.lease_id, "boom")
+    assert isinstance(dead, Job) and dead.status is Status.FAILED
+    await trio.sleep(10)
+    h.backend.fail_next = 1_000_000  # every commit fails: the store is down
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.broker.run_retention, 0, 5.0)
+        await trio.sleep(120)  # passes keep failing; the task (and the server) live on
+        assert h.broker.pruned["dead"] == 0
+        h.backend.fail_next = 0
+        with trio.fail_after(120):
+            while job.id in h.backend.rows:  # noqa: ASYNC110 - polling the store
+                await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert h.broker.core.get(job.id) is None

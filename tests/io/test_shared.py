@@ -16,10 +16,16 @@ import redis
 import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
+from stackduck_core import LifecyclePolicy, QueueCore, TypeLimit
+from stackduck_core._failover import BackendHealth, BackendRole
 from stackduck_trio import Client, JobInfo, Worker
+from stackduck_trio._broker import new_id
+from stackduck_trio._clock import TrioWallClock
 from stackduck_trio._postgres import PostgresBackend
 from stackduck_trio._redis import open_redis_tier
-from stackduck_trio._tier import MemoryTier, QueueTier
+from stackduck_trio._shared import SharedBroker
+from stackduck_trio._store import GroupCommitter, MemoryBackend
+from stackduck_trio._tier import MemoryTier, QueueTier, TierUnavailable
 from stackduck_trio.testing import open_test_server
 
 from .private_servers import PrivateRedis
@@ -460,3 +466,55 @@ def test_settles_waiting_for_a_lagging_tier_are_bounded(monkeypatch: pytest.Monk
         broker._settle(tier, f"job-{n}", "token", None)
     assert [job_id for job_id, _, _ in broker._settles[tier]] == ["job-2", "job-3", "job-4"]
     assert broker.dropped_settles == 2
+
+
+class _FlakyLimitsTier(MemoryTier):
+    """A MemoryTier whose set_limit fails while ``down`` (a network blip)."""
+
+    down = False
+
+    async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
+        if self.down:
+            raise TierUnavailable("network blip")
+        await super().set_limit(job_type, limit)
+
+
+async def test_a_limit_change_that_missed_the_tier_reaches_it_later(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    clock = TrioWallClock(epoch=1_800_000_000.0)
+    backend = MemoryBackend()
+    committer = GroupCommitter(
+        backend,
+        BackendHealth("memory", BackendRole.RECORD_STORE),
+        now=clock.now,
+        clock_deadline=clock.trio_deadline,
+    )
+    tier = _FlakyLimitsTier()
+    broker = SharedBroker(
+        core=QueueCore(new_id=new_id, policy=LifecyclePolicy(), default_lease=30.0),
+        committer=committer,
+        clock=clock,
+        tier=tier,
+        tier_health=BackendHealth("memory", BackendRole.QUEUE_TIER),
+        owner="A",
+        claim_seconds=30.0,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        await nursery.start(broker.run_tasks)
+        await broker.set_limit("t", TypeLimit(max_running=1))
+        await broker.set_limit("u", TypeLimit(max_running=2))
+        tier.down = True
+        await broker.set_limit("t", None)  # stored; the tier missed it
+        await broker.set_limit("u", TypeLimit(max_running=5))
+        assert await tier.limited_types() == {"t", "u"}
+        tier.down = False
+        await trio.sleep(30)  # the renew loop retries
+        assert backend.load_limits() == {"u": TypeLimit(max_running=5)}
+        assert await tier.limited_types() == {"u"}
+        # a reconcile also replaces the whole set (limits set elsewhere, or cleared)
+        await tier.set_limit("stale", TypeLimit(max_running=1))
+        await broker.reconcile()
+        assert await tier.limited_types() == {"u"}
+        nursery.cancel_scope.cancel()

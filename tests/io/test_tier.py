@@ -484,17 +484,53 @@ async def test_rate_limit_follows_the_cores_rule(tier: QueueTier) -> None:
     assert taken == 3 + 0 + 0 + 1 + 2 + 2 + 3
 
 
-async def test_limit_change_keeps_the_rate_state(tier: QueueTier) -> None:
+async def test_a_limit_holds_back_only_jobs_that_exist(tier: QueueTier) -> None:
+    """Nothing ready (or fewer than asked): no hold, so no retry time to wake up at."""
+    await tier.set_limit("t", TypeLimit(rate=RateLimit(50.0, 1)))
+    empty = await tier.claim("t", 4, now=NOW, owner="o", token="k1", until=LATER)
+    assert (list(empty), empty.held, empty.retry_at) == ([], None, None)
+    await tier.push([make_job(1)])
+    one = await tier.claim("t", 4, now=NOW + 1, owner="o", token="k2", until=LATER)
+    assert (len(one), one.held, one.retry_at) == (1, None, None)
+    await tier.push([make_job(2), make_job(3)])
+    held = await tier.claim("t", 4, now=NOW + 1, owner="o", token="k3", until=LATER)
+    assert (len(held), held.held) == (0, "rate")
+    await tier.set_limit("t", TypeLimit(max_running=1))
+    again = await tier.claim("t", 4, now=NOW + 1, owner="o", token="k4", until=LATER)
+    assert (len(again), again.held) == (0, "running")  # job-1 is still claimed
+
+
+async def test_limit_change_keeps_the_rate_state_only_for_the_same_rate(tier: QueueTier) -> None:
     await tier.set_limit("t", TypeLimit(rate=RateLimit(1.0, 2)))
-    await tier.push([make_job(n) for n in range(1, 6)])
+    await tier.push([make_job(n) for n in range(1, 9)])
     assert len(await peer_claim(tier, 5)) == 2
-    # a new burst through re-configuring? no: the bucket is still empty
+    # a new burst through re-configuring max_running? no: the bucket is still empty
     await tier.set_limit("t", TypeLimit(rate=RateLimit(1.0, 2), max_running=100))
     assert len(await peer_claim(tier, 5)) == 0
+    # a new rate starts afresh (the state was in the old rate's units)
+    await tier.set_limit("t", TypeLimit(rate=RateLimit(100.0, 2)))
+    assert len(await peer_claim(tier, 5)) == 2
     # without a rate the state goes; a new rate starts with a full bucket
     await tier.set_limit("t", TypeLimit(max_running=100))
-    await tier.set_limit("t", TypeLimit(rate=RateLimit(1.0, 2)))
+    await tier.set_limit("t", TypeLimit(rate=RateLimit(100.0, 2)))
     assert len(await peer_claim(tier, 5)) == 2
+
+
+async def test_redis_claimed_set_drops_ids_whose_claim_ended_elsewhere() -> None:
+    """An id left in a type's claimed set (by an older version's settle) does not
+    count against max_running for good: the claim script drops it."""
+    async with open_redis_tier(REDIS_URL, prefix=new_prefix()) as tier:
+        try:
+            await tier.set_limit("t", TypeLimit(max_running=1))
+            await tier.push([make_job(1)])
+
+            async def leftover(client: Redis) -> Any:
+                return await client.sadd(f"{tier.prefix}:claimed:t", "gone-1", "gone-2")
+
+            assert await redis_admin(leftover) == 2
+            assert await claim_ids(tier) == ["job-1"]
+        finally:
+            await tier.clear()
 
 
 async def test_redis_gcra_mirrors_the_core_bit_for_bit() -> None:
