@@ -265,8 +265,18 @@ class SharedBroker(Broker):
         tier = self.active()
         if not fresh or tier is None:
             return
+        types = {job.job_type for job in fresh}
         try:
             await self._call(functools.partial(tier.push, fresh), tier)
+            now_active = self.active()
+            if tier is self.fallback and now_active is self.tier:
+                # The route went back to the primary tier while this push went to
+                # the record store: a reconcile that read its rows before these
+                # were committed did not carry them over. (A copy claimed from the
+                # record store meanwhile could run twice; the compare-and-set
+                # writes fence the second completion.)
+                with contextlib.suppress(TierUnavailable):
+                    await self._call(functools.partial(self.tier.push, fresh), self.tier)
         except TierUnavailable as exc:
             if self.fallback is not None and tier is not self.fallback:
                 # Committed and unclaimed in the record store: claimable there as
@@ -281,9 +291,13 @@ class SharedBroker(Broker):
                 # claiming from the record store (NOTIFY).
                 with contextlib.suppress(TierUnavailable):
                     await self._call(functools.partial(self.fallback.push, fresh), self.fallback)
-                return
-            log.warning("queue tier push failed (%s): %d new jobs queued here", exc, len(fresh))
-            super()._admit_new([job for job in fresh if self.core.get(job.id) is None])
+            else:
+                log.warning("queue tier push failed (%s): %d new jobs queued here", exc, len(fresh))
+                super()._admit_new([job for job in fresh if self.core.get(job.id) is None])
+        # This instance claims them at once (its own streams may want them),
+        # without waiting for the tier's message.
+        for job_type in types:
+            self._hear(job_type)
 
     async def cancel(self, job_id: str) -> Job | Rejected:
         if self.core.get(job_id) is not None:
