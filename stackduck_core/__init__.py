@@ -58,6 +58,7 @@ from ._job import DEFAULT_DELAY as DEFAULT_DELAY
 from ._job import DEFAULT_MAX_RETRIES as DEFAULT_MAX_RETRIES
 from ._job import DEFAULT_PAYLOAD as DEFAULT_PAYLOAD
 from ._job import DEFAULT_PRIORITY as DEFAULT_PRIORITY
+from ._job import MAX_ID_LENGTH as MAX_ID_LENGTH
 from ._job import Base as Base
 from ._job import EnqueueRequest as EnqueueRequest
 from ._job import Job as Job
@@ -68,7 +69,9 @@ from ._job import RejectReason as RejectReason
 from ._job import Status as Status
 from ._job import clip_error as clip_error
 from ._job import parse_time as parse_time
+from ._job import validate_dead_selection as validate_dead_selection
 from ._job import validate_enqueue as validate_enqueue
+from ._job import validate_job_id as validate_job_id
 from ._job import validate_job_type as validate_job_type
 from ._job import validate_lease_seconds as validate_lease_seconds
 from ._job import validate_prefetch as validate_prefetch

@@ -15,6 +15,7 @@ import enum
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Final, final
 
 import attrs
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_PAYLOAD",
     "DEFAULT_PRIORITY",
+    "MAX_ID_LENGTH",
     "EnqueueRequest",
     "Job",
     "JobSpec",
@@ -34,12 +36,16 @@ __all__ = [
     "Status",
     "clip_error",
     "parse_time",
+    "validate_dead_selection",
     "validate_enqueue",
+    "validate_job_id",
     "validate_job_type",
     "validate_lease_seconds",
     "validate_prefetch",
 ]
 
+#: Longest job (or worker) id a request may name; the server's ids are 36.
+MAX_ID_LENGTH: Final = 128
 DEFAULT_PRIORITY: Final = 2
 DEFAULT_MAX_RETRIES: Final = 2
 DEFAULT_DELAY: Final = 30
@@ -310,6 +316,42 @@ def validate_job_type(job_type: str, limits: Limits, field: str = "job_type") ->
             "with a letter or digit",
             field,
         )
+    return None
+
+
+def validate_job_id(job_id: object, field: str = "job_id") -> Rejected | None:
+    """Check an id a request names (a job's, or a worker's); ``None`` when valid."""
+    if not isinstance(job_id, str) or not job_id:
+        return Rejected(RejectReason.INVALID_ARGUMENT, f"{field} is required", field)
+    if len(job_id) > MAX_ID_LENGTH:
+        return Rejected(
+            RejectReason.INVALID_ARGUMENT,
+            f"{field} is longer than {MAX_ID_LENGTH} characters",
+            field,
+        )
+    return None
+
+
+def validate_dead_selection(
+    job_ids: Sequence[object], job_type: str, limits: Limits, *, max_ids: int
+) -> Rejected | None:
+    """Check which dead jobs a requeue or purge names: ids, or a type (``"*"``: all).
+
+    One rule for every API that acts on dead letters; ``None`` when valid.
+    """
+    if bool(job_ids) == bool(job_type):
+        return Rejected(
+            RejectReason.INVALID_ARGUMENT,
+            'give either job_ids or job_type ("*" for every type), not both or neither',
+        )
+    if len(job_ids) > max_ids:
+        return Rejected(RejectReason.TOO_LARGE, f"job_ids: at most {max_ids} per call", "job_ids")
+    for job_id in job_ids:
+        rejected = validate_job_id(job_id, "job_ids")
+        if rejected is not None:
+            return rejected
+    if job_type and job_type != "*":
+        return validate_job_type(job_type, limits)
     return None
 
 

@@ -41,7 +41,14 @@ import attrs
 import h11
 import trio
 
-from stackduck_core import Job, QueueStats, Rejected, validate_job_type
+from stackduck_core import (
+    Job,
+    QueueStats,
+    Rejected,
+    validate_dead_selection,
+    validate_job_id,
+    validate_job_type,
+)
 
 from ._broker import Broker, OutcomeUnknown, Unavailable, rejected_to_status
 from ._history import History, Sample
@@ -63,7 +70,6 @@ MAX_IDS: Final = 1000
 BATCH_BY_TYPE: Final = 1000
 MAX_DEAD_PAGE: Final = 200
 DEAD_PAGE_BYTES: Final = 2 * 1024 * 1024
-MAX_ID_LENGTH: Final = 128
 
 _STATUS_OF_GRPC: Final = {
     "INVALID_ARGUMENT": 400,
@@ -426,7 +432,7 @@ class HttpApp:
 
     async def _get_job(self, request: Request) -> Response:
         job_id = request.path[len("/api/jobs/") :]
-        _check_id(job_id, "job id")
+        _check(validate_job_id(job_id, "job id"))
         job = await self.broker.get(job_id)
         if job is None:
             raise HttpError(404, f"no job with id {job_id}")
@@ -447,19 +453,15 @@ class HttpApp:
         job_ids, job_type = body.get("job_ids"), body.get("job_type")
         if (job_ids is None) == (job_type is None):
             raise HttpError(400, 'give either "job_ids" or "job_type" ("*" for every type)')
+        if job_ids is not None and (not isinstance(job_ids, list) or not job_ids):
+            raise HttpError(400, "job_ids: a non-empty list of job ids")
+        if job_type is not None and not isinstance(job_type, str):
+            raise HttpError(400, "job_type: a string")
+        limits = self.broker.core.limits
+        _check(validate_dead_selection(job_ids or [], job_type or "", limits, max_ids=MAX_IDS))
         if job_ids is not None:
-            if not isinstance(job_ids, list) or not job_ids:
-                raise HttpError(400, "job_ids: a non-empty list of job ids")
-            if len(job_ids) > MAX_IDS:
-                raise HttpError(413, f"job_ids: at most {MAX_IDS} per call")
-            for job_id in job_ids:
-                _check_id(job_id, "job_ids")
             ids = list(dict.fromkeys(job_ids))
         else:
-            if not isinstance(job_type, str):
-                raise HttpError(400, "job_type: a string")
-            if job_type != "*":
-                self._check_type(job_type)
             ids = await self.broker.dead_ids([], job_type, BATCH_BY_TYPE)
         results = await action(ids) if ids else []
         items = []
@@ -498,16 +500,14 @@ class HttpApp:
         return job_type
 
     def _check_type(self, job_type: str) -> None:
-        rejected = validate_job_type(job_type, self.broker.core.limits)
-        if rejected is not None:
-            raise HttpError(400, rejected.message)
+        _check(validate_job_type(job_type, self.broker.core.limits))
 
 
-def _check_id(job_id: object, field: str) -> None:
-    if not isinstance(job_id, str) or not job_id:
-        raise HttpError(400, f"{field}: job ids are non-empty strings")
-    if len(job_id) > MAX_ID_LENGTH:
-        raise HttpError(400, f"{field}: a job id is at most {MAX_ID_LENGTH} characters")
+def _check(rejected: Rejected | None) -> None:
+    """A core rejection as an HTTP error (the gRPC status it maps to, in HTTP)."""
+    if rejected is not None:
+        status, message = rejected_to_status(rejected)
+        raise HttpError(_STATUS_OF_GRPC.get(status, 400), message)
 
 
 def _number(query: Mapping[str, str], name: str, default: float, *, integer: bool = False) -> float:

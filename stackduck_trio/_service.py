@@ -23,6 +23,8 @@ from stackduck_core import (
     Limits,
     Rejected,
     limit_from_wire,
+    validate_dead_selection,
+    validate_job_id,
     validate_job_type,
     validate_lease_seconds,
     validate_prefetch,
@@ -44,8 +46,6 @@ log = logging.getLogger("stackduck.service")
 
 MAX_BATCH: Final = 10_000
 MAX_LIST: Final = 1000
-#: Longest job or worker id accepted (ours are 36-character UUIDs).
-MAX_ID_LENGTH: Final = 128
 #: Payload + error bytes per ListDeadJobs page: under grpcio's default 4 MiB
 #: receive limit, so any client can page through dead letters of any size.
 MAX_PAGE_BYTES: Final = 3 * 1024 * 1024
@@ -324,15 +324,11 @@ class StackDuckService:
         return pb.ListDeadJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=cursor)
 
     async def _select(self, job_ids: Sequence[str], job_type: str) -> list[str]:
-        if bool(job_ids) == bool(job_type):
-            raise RpcError(
-                StatusCode.INVALID_ARGUMENT,
-                'give either job_ids or job_type ("*" for every type), not both or neither',
-            )
-        if len(job_ids) > MAX_BATCH:
-            raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"job_ids: at most {MAX_BATCH} per call")
-        if job_type and job_type != "*":
-            _check_type(job_type, self.broker.core.limits)
+        rejected = validate_dead_selection(
+            job_ids, job_type, self.broker.core.limits, max_ids=MAX_BATCH
+        )
+        if rejected is not None:
+            _raise_for(rejected)
         # By type: at most MAX_BATCH per call (the answer lists every item);
         # callers repeat until the count is 0.
         ids: list[str] = await self._call(self.broker.dead_ids(list(job_ids), job_type, MAX_BATCH))
@@ -455,19 +451,15 @@ class StackDuckService:
 
 
 def _require_id(job_id: str) -> None:
-    if not job_id:
-        raise RpcError(StatusCode.INVALID_ARGUMENT, "job_id is required")
-    if len(job_id) > MAX_ID_LENGTH:
-        raise RpcError(
-            StatusCode.INVALID_ARGUMENT, f"job_id is longer than {MAX_ID_LENGTH} characters"
-        )
+    rejected = validate_job_id(job_id)
+    if rejected is not None:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, rejected.message)
 
 
 def _worker_id(worker_id: str, peer: str) -> str:
-    if len(worker_id) > MAX_ID_LENGTH:
-        raise RpcError(
-            StatusCode.INVALID_ARGUMENT, f"worker_id is longer than {MAX_ID_LENGTH} characters"
-        )
+    rejected = validate_job_id(worker_id, "worker_id") if worker_id else None
+    if rejected is not None:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, rejected.message)
     return worker_id or peer
 
 

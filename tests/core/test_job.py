@@ -15,6 +15,7 @@ from stackduck_core import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PAYLOAD,
     DEFAULT_PRIORITY,
+    MAX_ID_LENGTH,
     EnqueueRequest,
     Job,
     JobSpec,
@@ -23,7 +24,9 @@ from stackduck_core import (
     RejectReason,
     Status,
     parse_time,
+    validate_dead_selection,
     validate_enqueue,
+    validate_job_id,
 )
 
 NOW = 1_769_860_800.0  # 2026-01-31T12:00:00Z
@@ -443,3 +446,42 @@ def test_validate_lease_seconds_golden(lease: int | None, expected: int | str | 
         assert "between 1 and 86400" in result.message
     else:
         assert result == expected
+
+
+# -- ids and dead-letter selections -------------------------------------------------------
+
+
+def test_validate_job_id() -> None:
+    assert validate_job_id("5f0c") is None
+    assert validate_job_id("x" * MAX_ID_LENGTH) is None
+    for bad, text in (("", "job_id is required"), (None, "job_id is required"),
+                      (7, "job_id is required"),
+                      ("x" * (MAX_ID_LENGTH + 1), "longer than 128")):  # fmt: skip
+        rejected = validate_job_id(bad)
+        assert rejected is not None and rejected.reason is RejectReason.INVALID_ARGUMENT
+        assert text in rejected.message and rejected.field == "job_id"
+    worker = validate_job_id("w" * 200, "worker_id")
+    assert worker is not None and worker.message.startswith("worker_id ")
+
+
+@pytest.mark.parametrize(
+    ("job_ids", "job_type", "reason", "text"),
+    [
+        ([], "", RejectReason.INVALID_ARGUMENT, "give either"),
+        (["a"], "t", RejectReason.INVALID_ARGUMENT, "give either"),
+        (["a", "b", "c"], "", RejectReason.TOO_LARGE, "at most 2 per call"),
+        (["a", ""], "", RejectReason.INVALID_ARGUMENT, "job_ids is required"),
+        ([], "bad type", RejectReason.INVALID_ARGUMENT, "may contain only"),
+    ],
+)
+def test_validate_dead_selection_rejects(
+    job_ids: list[object], job_type: str, reason: RejectReason, text: str
+) -> None:
+    rejected = validate_dead_selection(job_ids, job_type, Limits(), max_ids=2)
+    assert rejected is not None and rejected.reason is reason and text in rejected.message
+
+
+def test_validate_dead_selection_accepts() -> None:
+    assert validate_dead_selection(["a", "b"], "", Limits(), max_ids=2) is None
+    assert validate_dead_selection([], "email", Limits(), max_ids=2) is None
+    assert validate_dead_selection([], "*", Limits(), max_ids=2) is None
