@@ -107,6 +107,26 @@ class TypeCounters:
     retried: int = 0
 
 
+@attrs.frozen(kw_only=True)
+class TypeView:
+    """One job type as GetStats and the dashboard show it (see ``TypeStats`` in the proto)."""
+
+    job_type: str
+    queued: tuple[int, int, int]
+    scheduled: int
+    running: int
+    dead: int
+    paused: bool
+    workers: int
+    completed: int
+    failed: int
+    retried: int
+    rate_limit: float
+    rate_burst: int
+    max_running: int
+    throttled: int
+
+
 @attrs.frozen
 class Duplicate:
     """An enqueue whose idempotency key names an existing job: none was created."""
@@ -733,6 +753,40 @@ class Broker:
     async def limits(self) -> Mapping[str, TypeLimit]:
         """The limits in force, by job type."""
         return self.limiter.limits()
+
+    def type_views(
+        self, stats: QueueStats | None, limits: Mapping[str, TypeLimit]
+    ) -> list[TypeView]:
+        """Every job type known here -- by its jobs, counters, streams or limits --
+        with the queue's counts, this instance's counters and workers, and limits."""
+        known = stats.types if stats is not None else {}
+        by_type = self.core.dispatcher.statistics().streams_by_type
+        names = known.keys() | self.counters.keys() | by_type.keys() | limits.keys()
+        views = []
+        for name in sorted(names):
+            t = known.get(name)
+            c = self.counters.get(name) or TypeCounters()
+            limit = limits.get(name)
+            rate = limit.rate if limit else None
+            views.append(
+                TypeView(
+                    job_type=name,
+                    queued=t.queued if t else (0, 0, 0),
+                    scheduled=t.scheduled if t else 0,
+                    running=t.running if t else 0,
+                    dead=t.dead if t else 0,
+                    paused=t.paused if t else False,
+                    workers=by_type.get(name, 0),
+                    completed=c.completed,
+                    failed=c.failed,
+                    retried=c.retried,
+                    rate_limit=rate.rate if rate else 0.0,
+                    rate_burst=rate.burst if rate else 0,
+                    max_running=(limit.max_running or 0) if limit else 0,
+                    throttled=self.throttled(name),
+                )
+            )
+        return views
 
     def throttled(self, job_type: str) -> int:
         """Times a limit held back jobs of ``job_type`` on this instance."""

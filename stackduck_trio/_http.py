@@ -338,37 +338,12 @@ class HttpApp:
         stats = self._stats
         broker = self.broker
         dispatch = broker.core.dispatcher.statistics()
-        known = stats.types if stats is not None else {}
-        limits = broker.limiter.limits()
-        names = sorted(
-            known.keys() | broker.counters.keys() | dispatch.streams_by_type.keys() | limits.keys()
-        )
         types = []
-        for name in names:
-            t = known.get(name)
-            c = broker.counters.get(name)
-            limit = limits.get(name)
-            rate = limit.rate if limit else None
-            queued = list(t.queued) if t else [0, 0, 0]
-            types.append(
-                {
-                    "job_type": name,
-                    "queued": queued,
-                    "queued_total": sum(queued),
-                    "scheduled": t.scheduled if t else 0,
-                    "running": t.running if t else 0,
-                    "dead": t.dead if t else 0,
-                    "paused": t.paused if t else False,
-                    "workers": dispatch.streams_by_type.get(name, 0),
-                    "completed": c.completed if c else 0,
-                    "failed": c.failed if c else 0,
-                    "retried": c.retried if c else 0,
-                    "rate_limit": rate.rate if rate else 0,
-                    "rate_burst": rate.burst if rate else 0,
-                    "max_running": (limit.max_running or 0) if limit else 0,
-                    "throttled": broker.throttled(name),
-                }
-            )
+        for view in broker.type_views(stats, broker.limiter.limits()):
+            fields = attrs.asdict(view)
+            fields["queued"] = list(view.queued)
+            fields["queued_total"] = sum(view.queued)
+            types.append(fields)
         workers: dict[str, dict[str, Any]] = {}
         for info in broker.stream_infos():
             w = workers.setdefault(

@@ -358,38 +358,27 @@ class StackDuckService:
         stats = await self._call(self.broker.statistics())
         limits = await self._call(self.broker.limits())
         streams = self.broker.core.dispatcher.statistics()
-        names = sorted(
-            stats.types.keys()
-            | self.broker.counters.keys()
-            | streams.streams_by_type.keys()
-            | limits.keys()
-        )
-        types = []
-        for name in names:
-            t = stats.types.get(name)
-            c = self.broker.counters.get(name)
-            limit = limits.get(name)
-            rate = limit.rate if limit else None
-            types.append(
-                pb.TypeStats(
-                    job_type=name,
-                    queued_p1=t.queued[0] if t else 0,
-                    queued_p2=t.queued[1] if t else 0,
-                    queued_p3=t.queued[2] if t else 0,
-                    scheduled=t.scheduled if t else 0,
-                    running=t.running if t else 0,
-                    dead=t.dead if t else 0,
-                    paused=t.paused if t else False,
-                    workers=streams.streams_by_type.get(name, 0),
-                    completed=c.completed if c else 0,
-                    failed=c.failed if c else 0,
-                    retried=c.retried if c else 0,
-                    rate_limit=rate.rate if rate else 0.0,
-                    rate_burst=rate.burst if rate else 0,
-                    max_running=(limit.max_running or 0) if limit else 0,
-                    throttled=self.broker.throttled(name),
-                )
+        types = [
+            pb.TypeStats(
+                job_type=v.job_type,
+                queued_p1=v.queued[0],
+                queued_p2=v.queued[1],
+                queued_p3=v.queued[2],
+                scheduled=v.scheduled,
+                running=v.running,
+                dead=v.dead,
+                paused=v.paused,
+                workers=v.workers,
+                completed=v.completed,
+                failed=v.failed,
+                retried=v.retried,
+                rate_limit=v.rate_limit,
+                rate_burst=v.rate_burst,
+                max_running=v.max_running,
+                throttled=v.throttled,
             )
+            for v in self.broker.type_views(stats, limits)
+        ]
         return pb.GetStatsResponse(
             types=types,
             workers=streams.streams,
