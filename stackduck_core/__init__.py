@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ._backoff import BACKOFF_CAP as BACKOFF_CAP
 from ._backoff import retry_delay as retry_delay
+from ._claimgate import ClaimGate as ClaimGate
 from ._dispatch import Dispatcher as Dispatcher
 from ._dispatch import DispatcherStats as DispatcherStats
 from ._dispatch import StreamInfo as StreamInfo

@@ -54,6 +54,7 @@ import trio
 from stackduck_core import (
     BackendHealth,
     Cancelled,
+    ClaimGate,
     Health,
     HealthChanged,
     Job,
@@ -150,16 +151,8 @@ class SharedBroker(Broker):
         self._next_due: float | None = None
         self._due_dirty = True
         # Claims that would find nothing are not made (each is a tier round
-        # trip): a type whose claim came back short is "quiet" until the tier
-        # says it has new ready jobs of that type (pub/sub, NOTIFY) or
-        # something else may have changed (a "" message, a due time, a health
-        # change, the poll period). _heard counts those messages; _quiet maps a
-        # type to the count seen just before its short claim started, so a
-        # message that arrives while the claim is under way keeps it loud.
-        self._heard = 0
-        self._heard_by_type: dict[str, int] = {}
-        self._heard_all = 0
-        self._quiet: dict[str, int] = {}
+        # trip): see stackduck_core.ClaimGate.
+        self._gate = ClaimGate()
         self._reconcile: tuple[int, trio.CancelScope] | None = None
         self._nursery: trio.Nursery | None = None
         self.committer.on_health = self._store_health
@@ -720,21 +713,9 @@ class SharedBroker(Broker):
 
     def _hear(self, job_type: str | None) -> None:
         """The tier may hold new ready jobs of ``job_type`` (None: of any type)."""
-        self._heard += 1
-        if job_type is None:
-            self._heard_all = self._heard
+        self._gate.hear(job_type)
+        if job_type is None or self.core.dispatcher.credit(job_type):
             self._feed_wakeup.set()
-        else:
-            self._heard_by_type[job_type] = self._heard
-            if self.core.dispatcher.credit(job_type):
-                self._feed_wakeup.set()
-
-    def _is_quiet(self, job_type: str) -> bool:
-        """Whether a claim of ``job_type`` would find nothing, as far as we heard."""
-        mark = self._quiet.get(job_type)
-        if mark is None:
-            return False
-        return mark >= max(self._heard_by_type.get(job_type, 0), self._heard_all)
 
     async def drain(self, grace: float) -> None:
         await super().drain(grace)
@@ -789,21 +770,21 @@ class SharedBroker(Broker):
             self._next_due = await self._call(tier.next_due, tier)
         for job_type in sorted(self.core.dispatcher.wanted_types()):
             while (want := self.core.demand(job_type)) > 0 and not self.draining:
-                if self._is_quiet(job_type):
+                if self._gate.quiet(job_type):
                     break
                 limit = min(want, self.claim_batch)
-                heard = self._heard
+                ticket = self._gate.ticket()
                 claims = await self._claim(tier, job_type, limit)
                 if claims:
                     # Deliver them; not self.changed(), which would wake this
                     # loop again for nothing (it goes on while demand remains).
                     Broker.changed(self)
-                if len(claims) < limit:
-                    # Nothing more now (or a limit holds the rest: its next token
-                    # or the end of a claim wakes us).
-                    self._quiet[job_type] = heard
+                # Short: nothing more now (or a limit holds the rest: its next
+                # token or the end of a claim wakes the type).
+                short = len(claims) < limit
+                self._gate.claimed(job_type, ticket, short=short)
+                if short:
                     break
-                self._quiet.pop(job_type, None)
 
     async def _tier_writer(self) -> None:
         """Apply settles and pushes in batches; one tier operation each."""
