@@ -105,6 +105,7 @@ from ._ratelimit import RateLimit as RateLimit
 from ._ratelimit import RateLimiter as RateLimiter
 from ._ratelimit import gcra as gcra
 from ._ratelimit import gcra_allowance as gcra_allowance
+from ._retention import Retention as Retention
 from ._states import EVENT_TYPES as EVENT_TYPES
 from ._states import TRANSITIONS as TRANSITIONS
 from ._states import Cancelled as Cancelled

@@ -52,6 +52,7 @@ from stackduck_core import (
     Rejected,
     RejectReason,
     Released,
+    Retention,
     Status,
     StreamInfo,
     TypeLimit,
@@ -871,24 +872,15 @@ class Broker:
                 self._persist(changed)
             self.changed()
 
-    async def run_retention(
-        self, completed: float, dead: float, *, interval: float | None = None, batch: int = 500
-    ) -> None:
-        """Delete completed/cancelled and dead jobs older than their retention
-        (seconds; 0 keeps them), until cancelled.
-
-        A pass runs every ``interval`` seconds: by default a quarter of the
-        shorter retention, between 1 s and 60 s (a row outlives its
-        retention by at most that long).
-        """
-        ages = [age for age in (completed, dead) if age]
-        if not ages:
-            return
+    async def run_retention(self, retention: Retention, *, batch: int = 500) -> None:
+        """Prune finished and dead jobs by ``retention``, a pass every
+        ``retention.interval`` seconds, until cancelled."""
+        interval = retention.interval
         if interval is None:
-            interval = min(max(min(ages) / 4, 1.0), 60.0)
+            return
         while True:
             try:
-                await self.prune(completed, dead, batch=batch)
+                await self.prune(retention, batch=batch)
             except (Unavailable, OutcomeUnknown) as exc:
                 log.warning("retention: %s; next try in %g s", exc, interval)
             except Exception:
@@ -896,23 +888,23 @@ class Broker:
                 log.exception("retention pass failed; next try in %g s", interval)
             await trio.sleep(interval)
 
-    async def prune(self, completed: float, dead: float, *, batch: int = 500) -> tuple[int, int]:
+    async def prune(self, retention: Retention, *, batch: int = 500) -> tuple[int, int]:
         """One retention pass; returns ``(finished, dead)`` rows deleted.
 
         Bounded batches, with a pause between them, so the record store's
         writer (and the group commits of the hot path) get their turns.
         """
-        now = self.clock.now()
-        backend = self.committer.backend
-        finished = dead_n = 0
         if self.committer.health.state is not Health.HEALTHY:
             raise Unavailable(f"the record store is {self.committer.health.state.value}")
-        if completed:
+        finished_before, dead_before = retention.cutoffs(self.clock.now())
+        backend = self.committer.backend
+        finished = dead_n = 0
+        if finished_before is not None:
             finished = await self._prune_batches(
-                functools.partial(backend.prune_finished, now - completed), batch
+                functools.partial(backend.prune_finished, finished_before), batch
             )
-        if dead:
-            dead_n = await self._prune_dead(now - dead, batch)
+        if dead_before is not None:
+            dead_n = await self._prune_dead(dead_before, batch)
         if finished or dead_n:
             log.info("retention: deleted %d finished and %d dead jobs", finished, dead_n)
         self.pruned["finished"] += finished

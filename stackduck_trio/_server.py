@@ -26,7 +26,7 @@ import ssl
 
 import trio
 
-from stackduck_core import LifecyclePolicy, Limits, QueueCore, parse_limits
+from stackduck_core import LifecyclePolicy, Limits, QueueCore, Retention, parse_limits
 from stackduck_core._failover import BackendHealth, BackendRole, Durability
 
 from ._broker import Broker, new_id
@@ -205,7 +205,7 @@ async def _serve(
             async with trio.open_nursery() as services:
                 await services.start(broker.run_tasks)
                 services.start_soon(
-                    broker.run_retention, config.retain_completed, config.retain_dead
+                    broker.run_retention, Retention(config.retain_completed, config.retain_dead)
                 )
                 http_addr = config.http_addr or config.metrics_addr
                 if http_addr:

@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from stackduck_core import EnqueueRequest, Job, Rejected, RejectReason, Status
+from stackduck_core import EnqueueRequest, Job, Rejected, RejectReason, Retention, Status
 from stackduck_trio._broker import OutcomeUnknown, Unavailable
 from stackduck_trio._store import StorageUnavailable
 
@@ -329,7 +329,7 @@ async def test_retention_survives_a_failing_store_and_prunes_once_it_is_back(
     await trio.sleep(10)
     h.backend.fail_next = 1_000_000  # every commit fails: the store is down
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(h.broker.run_retention, 0, 5.0)
+        nursery.start_soon(h.broker.run_retention, Retention(0, 5.0))
         await trio.sleep(120)  # passes keep failing; the task (and the server) live on
         assert h.broker.pruned["dead"] == 0
         h.backend.fail_next = 0
