@@ -98,7 +98,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from stackduck_core import Job, Status, TypeLimit, placement
+from stackduck_core import Job, RateLimit, Status, TypeLimit, gcra, placement
 from stackduck_core._ordering import SEQ_BITS
 
 from ._tier import Claim, Claims, TierCounts, TierUnavailable
@@ -660,10 +660,11 @@ class RedisTier:
         claims = (Claim(job_from_json(record), token, owner, until) for record in records)
         retry_at: float | None = None
         if held == "rate":
-            # when one more token conforms (approximately: a caller that comes
-            # back a hair early is told a new time)
-            interval = float(interval_text)
-            retry_at = max(float(tat_text), now) + interval - int(burst) * interval
+            # when the next token comes, by the core's rule (the limit rebuilt
+            # from the script's interval: a rounding of the rate cannot matter
+            # here, a caller a hair early is told a new time)
+            rate = RateLimit(1.0 / float(interval_text), int(burst))
+            retry_at = now + gcra(float(tat_text), now, rate, 1).retry_after
         return Claims.limited(claims, held or None, retry_at)
 
     async def settle(self, items: Sequence[tuple[str, str, Job | None]]) -> list[bool]:
