@@ -207,11 +207,6 @@ class PostgresTier:
         self._q_running_limited = sql.SQL(
             "SELECT job_type FROM {limits} WHERE job_type = ANY(%s) AND max_running IS NOT NULL"
         ).format(limits=limits)
-        self._q_pause = sql.SQL(
-            "INSERT INTO {paused} (job_type, paused_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-        ).format(paused=paused)
-        self._q_resume = sql.SQL("DELETE FROM {paused} WHERE job_type = %s").format(paused=paused)
-        self._q_paused = sql.SQL("SELECT job_type FROM {paused}").format(paused=paused)
         self._q_next_due = sql.SQL(
             "SELECT min(scheduled_at) FROM {jobs} "
             "WHERE status = 'scheduled' AND claim_token IS NULL AND claim_owner IS NULL"
@@ -388,9 +383,9 @@ class PostgresTier:
     async def set_paused(self, job_type: str, paused: bool) -> None:
         def pause(conn: psycopg.Connection[Any]) -> None:
             if paused:
-                conn.execute(self._q_pause, (job_type, 0.0))
+                conn.execute(self.backend._q_pause, (job_type, time.time()))
             else:
-                conn.execute(self._q_resume, (job_type,))
+                conn.execute(self.backend._q_resume, (job_type,))
                 self._notify(conn, {job_type})
 
         await self._run("pause" if paused else "resume", pause)
@@ -420,7 +415,7 @@ class PostgresTier:
 
     async def paused(self) -> frozenset[str]:
         def paused(conn: psycopg.Connection[Any]) -> frozenset[str]:
-            return frozenset(r[0] for r in conn.execute(self._q_paused).fetchall())
+            return frozenset(r[0] for r in conn.execute(self.backend._q_paused).fetchall())
 
         return await self._run("paused", paused)
 
