@@ -12,6 +12,7 @@ prefix) is at the end.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -773,6 +774,73 @@ async def test_redis_that_does_not_answer_times_out() -> None:
                         await operation()
                     assert op_timeout <= time.perf_counter() - start < op_timeout + 0.5
             finally:
+                await tier.close()
+        nursery.cancel_scope.cancel()
+
+
+class HoldingProxy:
+    """A TCP proxy to the test Redis that can hold back its replies and release them late.
+
+    A call that timed out leaves its reply in flight; if the client kept that
+    connection, the reply would answer the *next* command on it.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.released = trio.Event()
+        self.held = 0  # bytes held back so far
+
+    async def serve(self, client: trio.SocketStream) -> None:
+        host, port = REDIS_URL.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        async with client, await trio.open_tcp_stream(host, int(port)) as upstream:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, upstream, False)
+                nursery.start_soon(self._pump, upstream, client, True)
+
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, replies: bool) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await src.receive_some():
+                if replies and self.holding:
+                    self.held += len(data)
+                    await self.released.wait()
+                await dst.send_all(data)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await dst.send_eof()
+
+
+async def test_redis_reply_that_comes_after_the_timeout_never_answers_a_later_call() -> None:
+    op_timeout = 0.3
+    proxy = HoldingProxy()
+    prefix = new_prefix()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, proxy.serve, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        async with trio_asyncio.open_loop():
+            tier = RedisTier(f"redis://127.0.0.1:{port}/0", prefix=prefix, op_timeout=op_timeout)
+            try:
+                await tier.open()
+                await tier.push([make_job(1), make_job(2)])
+                proxy.holding = True
+                start = time.perf_counter()
+                with pytest.raises(TierUnavailable, match=f"no answer within {op_timeout:g} s"):
+                    await tier.claim("t", 1, now=NOW, owner="o", token="k1", until=LATER)
+                assert op_timeout <= time.perf_counter() - start < op_timeout + 0.5
+                assert proxy.held > 0  # the claim's answer exists, held back
+                proxy.holding = False
+                proxy.released.set()  # the late answer reaches the client now
+                await trio.sleep(0.05)
+                # The timed-out claim ran on the server: job-1 is claimed. The
+                # next calls get their own answers, not the late one.
+                counts = await tier.counts()
+                assert counts.claimed == 1 and sum(counts.ready["t"]) == 1
+                again = await tier.claim("t", 5, now=NOW, owner="o", token="k2", until=LATER)
+                assert [c.job.id for c in again] == ["job-2"]
+                assert await tier.paused() == frozenset()
+            finally:
+                with contextlib.suppress(TierUnavailable):
+                    await tier.clear()
                 await tier.close()
         nursery.cancel_scope.cancel()
 
