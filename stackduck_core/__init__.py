@@ -117,6 +117,7 @@ from ._states import Failed as Failed
 from ._states import LeaseExpired as LeaseExpired
 from ._states import LeaseExtended as LeaseExtended
 from ._states import LifecyclePolicy as LifecyclePolicy
+from ._states import PendingWrite as PendingWrite
 from ._states import Promoted as Promoted
 from ._states import Purged as Purged
 from ._states import Recovery as Recovery
@@ -127,6 +128,7 @@ from ._states import apply as apply
 from ._states import merge_chain as merge_chain
 from ._states import needs_new_seq as needs_new_seq
 from ._states import new_job as new_job
+from ._states import plan_commit as plan_commit
 from ._states import recover_claim as recover_claim
 from ._states import writes_over as writes_over
 

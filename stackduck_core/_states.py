@@ -54,8 +54,8 @@ Ordering is not decided here: when a record leaves with status QUEUED its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Final, TypeAlias, final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, Protocol, TypeAlias, final
 
 import attrs
 
@@ -82,8 +82,10 @@ __all__ = [
     "Recovery",
     "apply",
     "merge_chain",
+    "PendingWrite",
     "needs_new_seq",
     "new_job",
+    "plan_commit",
     "recover_claim",
     "writes_over",
 ]
@@ -600,3 +602,53 @@ def merge_chain(records: Iterable[Job]) -> dict[str, Job]:
         elif job.version >= old.version:
             latest[job.id] = job if job.base == old.base else attrs.evolve(job, base=old.base)
     return latest
+
+
+class PendingWrite(Protocol):
+    """What :func:`plan_commit` needs to know of one pending write."""
+
+    @property
+    def ids(self) -> frozenset[str]:
+        """The jobs it writes (upserts and deletes)."""
+
+    @property
+    def due(self) -> float:
+        """When it must be committed (``-inf``: with the next commit)."""
+
+
+def plan_commit(
+    pending: Sequence[PendingWrite], *, now: float, max_writes: int, flush: bool = False
+) -> tuple[list[int], float | None]:
+    """Which pending writes the next commit takes: their positions, in order.
+
+    ``pending`` is in the order the writes were made. Writes that are due
+    (``due <= now``; all of them when ``flush``) go first come first, at most
+    ``max_writes`` of them. A write that is not due yet -- a delivery's record,
+    which the job's acknowledgement usually replaces within milliseconds --
+    waits for its time, unless a later write of one of its jobs goes now: that
+    record's chain starts at this one (its base), so it goes along, and
+    :func:`merge_chain` folds the two into one row.
+
+    Returns ``(positions, None)``, or ``([], when)`` with the earliest due
+    time when nothing is due yet (``when`` is None when nothing is pending).
+    """
+    taken: set[int] = set()
+    for position, write in enumerate(pending):
+        if flush or write.due <= now:
+            if len(taken) == max_writes:
+                break
+            taken.add(position)
+    if not taken:
+        return [], min((write.due for write in pending), default=None)
+    # Walking back from the last write taken: an earlier write that is not
+    # taken yet shares a job with one taken after it, so it goes too (and so
+    # on, transitively). A job's writes that go are always its oldest ones.
+    needed: set[str] = set()
+    for position in range(max(taken), -1, -1):
+        write = pending[position]
+        if position in taken:
+            needed |= write.ids
+        elif not needed.isdisjoint(write.ids):
+            taken.add(position)
+            needed |= write.ids
+    return sorted(taken), None

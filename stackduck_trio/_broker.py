@@ -164,6 +164,10 @@ class AckRequest(NamedTuple):
 _ids = random.Random(os.urandom(32))
 
 
+#: See :attr:`Broker.delivery_write_delay` (seconds).
+DELIVERY_WRITE_DELAY = 0.05
+
+
 def new_id() -> str:
     """A fresh job or lease id, formatted as a version-4 UUID."""
     h = f"{_ids.getrandbits(128):032x}"
@@ -184,6 +188,11 @@ class Broker:
 
     #: Whether this instance's core applies the limits (it sees every start).
     local_limits = True
+    #: How long a delivery's record (running, with its lease) may wait for its
+    #: commit: a job acknowledged within that time is written once, as
+    #: completed (or retried), instead of twice. A crash meanwhile leaves it
+    #: queued on record, and the job runs again, as a running one would.
+    delivery_write_delay = DELIVERY_WRITE_DELAY
 
     def __init__(
         self,
@@ -231,11 +240,11 @@ class Broker:
             f"within {self.write_timeout:g} s; it stays queued and may still be applied"
         )
 
-    def _persist(self, jobs: Sequence[Job], *, settle: bool = True) -> Written:
+    def _persist(self, jobs: Sequence[Job], *, settle: bool = True, defer: float = 0.0) -> Written:
         """Write changed records; :meth:`_applied` runs once they committed."""
         self._count(jobs)
         written = self.committer.write(
-            jobs, on_commit=lambda: self._applied(jobs, written, settle=settle)
+            jobs, on_commit=lambda: self._applied(jobs, written, settle=settle), defer=defer
         )
         return written
 
@@ -299,7 +308,10 @@ class Broker:
             now = self.clock.now()
             deliveries = self.core.dispatch(now=now)
             if deliveries:
-                self._persist([d.job for d in deliveries])
+                # One write per job: an acknowledgement takes along (and merges
+                # with) its own job's delivery record, not the whole round's.
+                for delivery in deliveries:
+                    self._persist((delivery.job,), defer=self.delivery_write_delay)
                 if self.metrics is not None:
                     self.metrics.on_delivered([d.job for d in deliveries], now)
                 broken: set[int] = set()

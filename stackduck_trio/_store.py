@@ -39,7 +39,15 @@ import attrs
 import outcome
 import trio
 
-from stackduck_core import Job, RateLimit, Status, TypeLimit, merge_chain, writes_over
+from stackduck_core import (
+    Job,
+    RateLimit,
+    Status,
+    TypeLimit,
+    merge_chain,
+    plan_commit,
+    writes_over,
+)
 from stackduck_core._failover import (
     BackendHealth,
     Health,
@@ -1057,16 +1065,24 @@ class Written:
             base no longer matched: the job changed elsewhere meanwhile).
     """
 
-    __slots__ = ("deletes", "done", "on_commit", "refused", "upserts")
+    __slots__ = ("deletes", "done", "due", "ids", "on_commit", "refused", "upserts")
 
     def __init__(
-        self, upserts: Sequence[Job], deletes: Sequence[str], on_commit: Callable[[], None] | None
+        self,
+        upserts: Sequence[Job],
+        deletes: Sequence[str],
+        on_commit: Callable[[], None] | None,
+        due: float = -math.inf,
     ) -> None:
         self.upserts = upserts
         self.deletes = deletes
         self.on_commit = on_commit
         self.done = trio.Event()
         self.refused: frozenset[str] = frozenset()
+        #: when it must be committed at the latest (``-inf``: with the next commit)
+        self.due = due
+        #: the jobs it writes (for :func:`~stackduck_core.plan_commit`)
+        self.ids = frozenset(job.id for job in upserts).union(deletes)
 
     async def wait(self) -> None:
         """Until the batch holding these records has committed."""
@@ -1146,6 +1162,7 @@ class GroupCommitter:
         deletes: Iterable[str] = (),
         *,
         on_commit: Callable[[], None] | None = None,
+        defer: float = 0.0,
     ) -> Written:
         """Queue records for the next batch; its ``done`` is set on commit.
 
@@ -1153,10 +1170,16 @@ class GroupCommitter:
         core decision that produced the records, so writes keep its order.
         ``on_commit`` runs in the trio thread right after the commit, when
         ``refused`` is known.
+
+        ``defer`` (seconds): the records may wait that long for their commit
+        instead of going with the next one, unless a later write of the same
+        job goes first (see :func:`~stackduck_core.plan_commit`): a delivery's
+        record then merges with the job's completion into one row.
         """
         if self._closed:
             raise StorageUnavailable("the record store is shut down")
-        item = Written(tuple(upserts), tuple(deletes), on_commit)
+        due = self._now() + defer if defer > 0 else -math.inf
+        item = Written(tuple(upserts), tuple(deletes), on_commit, due)
         self._pending.append(item)
         self._pending_rows += len(item.upserts) + len(item.deletes)
         self._wakeup.set()
@@ -1204,28 +1227,34 @@ class GroupCommitter:
         # new ones merged in): that attempt may have committed after all (its
         # COMMIT's answer lost), and then its rows are checked against the
         # store rather than reported refused.
-        retry = 0
+        retry: list[_Pending] = []
         while True:
-            items: list[_Pending] = []
-            if retry:
-                items = self._pending[:retry]
-            elif not self._pending:
-                if self._closed:
+            items: list[_Pending] = retry
+            due_at: float | None = None
+            if not retry:
+                positions, due_at = plan_commit(
+                    self._pending, now=self._now(), max_writes=self._max_batch, flush=self._closed
+                )
+                items = [self._pending[position] for position in positions]
+            if not items:
+                if self._closed and not self._pending:
                     return
                 self._wakeup = trio.Event()
                 probe_at = self.health.next_probe_at()
-                if probe_at is None:
+                if probe_at is None and due_at is None:
                     await self._wakeup.wait()
                     continue
                 # Not healthy and nothing to write: the health machine still
                 # needs probes to leave SUSPECT/DOWN/RECOVERING (otherwise an
                 # idle server would refuse enqueues forever). An empty commit
                 # is the probe: it takes the write lock like a real one.
-                with trio.move_on_at(self._deadline(probe_at)):
+                # Deferred writes wake the loop when they are due.
+                wake_at = min(t for t in (probe_at, due_at) if t is not None)
+                with trio.move_on_at(self._deadline(wake_at)):
                     await self._wakeup.wait()
                     continue  # real writes arrived: they are the probe
-            else:
-                items = self._pending[: self._max_batch]
+                if probe_at is None or (due_at is not None and due_at <= probe_at):
+                    continue  # deferred writes are due: plan again
             batch = self._merge(items)
             started = time.monotonic()
             try:
@@ -1233,7 +1262,7 @@ class GroupCommitter:
             except StorageUnavailable as exc:
                 if self.on_commit_time is not None:
                     self.on_commit_time(time.monotonic() - started, False)
-                retry = len(items)
+                retry = items
                 self._failures += 1
                 self._report(failed=True)
                 log.warning("record store write failed (%s); retrying %d writes", exc, len(items))
@@ -1247,8 +1276,14 @@ class GroupCommitter:
             self._report(failed=False)
             if retry and refused:
                 refused = await self._confirm(batch, refused)
-            retry = 0
-            del self._pending[: len(items)]
+            retry = []
+            if len(items) == len(self._pending):
+                self._pending.clear()
+            elif items and self._pending[len(items) - 1] is items[-1]:
+                del self._pending[: len(items)]  # a prefix: the usual case
+            else:
+                gone = {id(item) for item in items}
+                self._pending = [item for item in self._pending if id(item) not in gone]
             self._pending_rows -= sum(len(i.upserts) + len(i.deletes) for i in items)
             self._batches += bool(items)
             self._rows += len(batch.upserts) + len(batch.deletes)

@@ -36,6 +36,35 @@ def h(harness: BrokerHarness) -> BrokerHarness:
     return harness
 
 
+async def test_a_delivery_is_on_record_after_a_short_delay_or_merged_with_its_ack(
+    h: BrokerHarness, autojump_clock: trio.abc.Clock
+) -> None:
+    delay = h.broker.delivery_write_delay
+    assert 0 < delay <= 0.1
+    quick, slow = await enqueue(h), await enqueue(h)
+    versions: list[tuple[str, Status]] = []
+    commit = h.backend.commit
+
+    def record(batch):  # type: ignore[no-untyped-def]
+        versions.extend((job.id, job.status) for job in batch.upserts)
+        return commit(batch)
+
+    h.backend.commit = record  # type: ignore[method-assign]
+    _, jobs = h.broker.open_stream(worker_id="w", job_types=["t"], prefetch=2, lease_seconds=60)
+    first, second = jobs.receive_nowait(), jobs.receive_nowait()
+    assert (first.id, second.id) == (quick.id, slow.id)
+    await trio.sleep(delay / 2)
+    assert h.backend.rows[slow.id].status is Status.QUEUED  # not on record yet
+    # acknowledged within the delay: one row written, as completed
+    assert isinstance(await h.broker.complete(quick.id, first.lease_id), Job)
+    assert versions == [(quick.id, Status.COMPLETED)]
+    assert h.backend.rows[quick.id].status is Status.COMPLETED
+    # still running once the delay is over: on record as running, with its lease
+    await trio.sleep(delay)
+    assert versions[1:] == [(slow.id, Status.RUNNING)]
+    assert h.backend.rows[slow.id].lease_id == second.lease_id
+
+
 async def test_priority_then_fifo_over_a_stream(
     h: BrokerHarness, autojump_clock: trio.abc.Clock
 ) -> None:

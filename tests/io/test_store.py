@@ -8,7 +8,17 @@ import sqlite3
 import pytest
 import trio
 
-from stackduck_core import EnqueueRequest, Limits, Status, new_job, validate_enqueue
+from stackduck_core import (
+    Claimed,
+    Completed,
+    EnqueueRequest,
+    Job,
+    Limits,
+    Status,
+    apply,
+    new_job,
+    validate_enqueue,
+)
 from stackduck_core._failover import BackendHealth, BackendRole, Health
 from stackduck_trio._clock import WallClock
 from stackduck_trio._store import (
@@ -164,3 +174,106 @@ def test_a_data_directory_serves_one_server_at_a_time(tmp_path: pathlib.Path) ->
     first.close()
     second.open()  # the lock went with the first one
     second.close()
+
+
+class BatchLog(MemoryBackend):
+    """A memory store that records every batch it commits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[tuple[str, Status]]] = []
+
+    def commit(self, batch: Batch) -> frozenset[str]:
+        if not self.fail_next:
+            self.batches.append([(job.id, job.status) for job in batch.upserts])
+        return super().commit(batch)
+
+
+def autojump_committer(backend: MemoryBackend) -> GroupCommitter:
+    base = trio.current_time()
+    return GroupCommitter(
+        backend,
+        BackendHealth("memory", BackendRole.RECORD_STORE),
+        now=lambda: 1_800_000_000.0 + trio.current_time() - base,
+        clock_deadline=lambda wall: base + wall - 1_800_000_000.0,
+    )
+
+
+def delivered(job: Job) -> Job:
+    event = Claimed(now=job.created_at, lease_id="L1", worker_id="w", lease_expires_at=2e9)
+    running = apply(job, event)
+    assert isinstance(running, Job)
+    return running
+
+
+def completed(running: Job) -> Job:
+    done = apply(running, Completed(now=running.created_at, lease_id="L1"))
+    assert isinstance(done, Job)
+    return done
+
+
+async def test_a_deferred_write_waits_and_merges_with_the_jobs_next_write(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = BatchLog()
+    committer = autojump_committer(backend)
+    queued = make_job(1)
+    running = delivered(queued)
+    done = completed(running)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        await committer.write([queued]).wait()
+        start = trio.current_time()
+        deferred = committer.write([running], defer=0.05)
+        await trio.sleep(0.01)
+        assert not deferred.done.is_set() and backend.rows["job-1"].status is Status.QUEUED
+        # the acknowledgement's write goes at once and takes the delivery along:
+        # one row written, the completed record over the queued one
+        await committer.write([done]).wait()
+        assert deferred.done.is_set() and deferred.refused == frozenset()
+        assert trio.current_time() - start < 0.05
+        assert backend.batches == [[("job-1", Status.QUEUED)], [("job-1", Status.COMPLETED)]]
+        assert backend.rows["job-1"] == done
+        # a deferred write alone is committed when it is due, and not before
+        other = make_job(2)
+        await committer.write([other]).wait()
+        start = trio.current_time()
+        await committer.write([delivered(other)], defer=0.05).wait()
+        assert trio.current_time() - start == pytest.approx(0.05, abs=1e-6)
+        assert backend.batches[-1] == [("job-2", Status.RUNNING)]
+        # other jobs' writes do not take it along
+        third = make_job(3)
+        await committer.write([third]).wait()
+        late = committer.write([delivered(third)], defer=0.05)
+        await committer.write([make_job(4)]).wait()
+        assert not late.done.is_set()
+        assert backend.batches[-1] == [("job-4", Status.QUEUED)]
+        # closing commits what is deferred at once
+        start = trio.current_time()
+        committer.close()
+        await committer.wait_closed()
+        assert late.done.is_set() and trio.current_time() - start < 0.05
+    assert backend.rows["job-3"].status is Status.RUNNING
+    assert committer.statistics().pending == 0
+
+
+async def test_a_failed_batch_is_retried_as_it_was_while_deferred_writes_wait(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = BatchLog()
+    committer = autojump_committer(backend)
+    jobs = [make_job(n) for n in range(3)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+        await committer.write(jobs[:2]).wait()
+        backend.fail_next = 2
+        first = committer.write([delivered(jobs[0])], defer=10.0)
+        second = committer.write([jobs[2]])
+        await second.wait()  # retried after the failures, without the deferred one
+        assert not first.done.is_set()
+        assert backend.batches[-1] == [("job-2", Status.QUEUED)]
+        await committer.write([completed(delivered(jobs[0]))]).wait()
+        assert first.done.is_set()
+        assert backend.rows["job-0"].status is Status.COMPLETED
+        committer.close()
+    assert committer.statistics().pending == 0
