@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -169,9 +170,17 @@ DELIVERY_WRITE_DELAY = 0.05
 
 
 def new_id() -> str:
-    """A fresh job or lease id, formatted as a version-4 UUID."""
-    h = f"{_ids.getrandbits(128):032x}"
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    """A fresh job or lease id: a version-7 UUID (RFC 9562).
+
+    Its first 48 bits are the Unix time in milliseconds, the rest random
+    (74 bits). Ids made later sort later, so a new job's row lands at the end
+    of the record store's id indexes (the primary key, the queued jobs'
+    index) instead of at a random place in them: an insert touches the same
+    few pages however many jobs are queued.
+    """
+    ms = f"{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}"
+    r = f"{_ids.getrandbits(80):020x}"
+    return f"{ms[:8]}-{ms[8:]}-7{r[:3]}-{'89ab'[int(r[3], 16) & 3]}{r[4:7]}-{r[7:19]}"
 
 
 class Broker:

@@ -218,16 +218,28 @@ async def test_shutdown_requeues_running_jobs_without_a_poison_count(
     assert again.lost_leases == 0  # the server left; the job did nothing wrong
 
 
-def test_ids_are_unique_version_4_uuids() -> None:
+def test_ids_are_unique_version_7_uuids_that_sort_by_time() -> None:
+    import time
     import uuid
 
     from stackduck_trio._broker import new_id
 
+    before = time.time_ns() // 1_000_000
     ids = [new_id() for _ in range(50_000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
     for text in ids[:2_000]:
         parsed = uuid.UUID(text)
-        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (7, uuid.RFC_4122, text)
+    stamps = [int(uuid.UUID(text).hex[:12], 16) for text in ids]
+    assert before <= stamps[0] and stamps[-1] <= after
+    # ids of different milliseconds sort by time (the indexes' append order)
+    assert stamps == sorted(stamps)
+    first_of_each_ms: dict[int, str] = {}
+    for stamp, text in zip(stamps, ids, strict=True):
+        first_of_each_ms.setdefault(stamp, text)
+    assert len(first_of_each_ms) > 1
+    assert list(first_of_each_ms.values()) == sorted(first_of_each_ms.values())
 
 
 async def test_pause_and_resume_are_stored_before_they_answer(
