@@ -14,9 +14,13 @@ Threads, not asyncio
 
 Connections
     A ``psycopg_pool.ConnectionPool`` whose ``check`` callback
-    (``ConnectionPool.check_connection``) tests each connection before it is
+    (``ConnectionPool.check_connection``) tests a connection before it is
     handed out, so connections broken by a server restart are replaced instead
-    of failing a commit. When one broken connection is found the whole pool is
+    of failing a commit -- unless the connection answered a statement within
+    the last :data:`CHECK_AFTER_IDLE` seconds: under load the check was an
+    extra round trip per commit (a third of a one-row commit's cost), and a
+    server restarted faster than that costs at most one failed attempt, which
+    the committer retries. When one broken connection is found the whole pool is
     drained: after a restart every idle connection is dead, and checking them
     one by one would cost the pool's growing retry sleeps (a failover to a
     read-only standby drains it too). While the server refuses connections a
@@ -334,6 +338,8 @@ _CONNECT_DEFAULTS: Final = {
 _READ_ONLY: Final = "25006"  # read_only_sql_transaction
 #: Slices of the wait for a pooled connection (see ``PostgresBackend._acquire``).
 _SLICE: Final = 0.25
+#: A pooled connection idle longer than this (seconds) is checked before use.
+CHECK_AFTER_IDLE: Final = 1.0
 # The per-connection temporary table of COPY (named anew when its shape changes).
 _STAGE: Final = "stackduck_stage_v2"
 # A schema name we create and quote: keep it a plain identifier.
@@ -897,6 +903,9 @@ class PostgresBackend:
         backend = weakref.proxy(self)
 
         class _Connection(psycopg.Connection[Any]):
+            #: time.monotonic() when a statement on it last succeeded
+            last_ok = -math.inf
+
             @classmethod
             def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
                 try:
@@ -924,7 +933,12 @@ class PostgresBackend:
         )
 
     def _check(self, conn: psycopg.Connection[Any]) -> None:
-        """Pool ``check`` hook: ``check_connection``, watched, draining on a dead server."""
+        """Pool ``check`` hook: ``check_connection``, watched, draining on a dead server.
+
+        Skipped for a connection that answered within :data:`CHECK_AFTER_IDLE`.
+        """
+        if time.monotonic() - getattr(conn, "last_ok", -math.inf) < CHECK_AFTER_IDLE:
+            return
         try:
             with self._watchdog.watch(conn, self.connect_timeout):
                 ConnectionPool.check_connection(conn)
@@ -1042,6 +1056,7 @@ class PostgresBackend:
             ) as guard:
                 try:
                     yield conn, guard
+                    conn.last_ok = time.monotonic()  # type: ignore[attr-defined]
                 except psycopg.Error as exc:
                     if guard.severed or guard.cancelled:
                         reason = (

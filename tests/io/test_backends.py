@@ -1978,3 +1978,47 @@ def test_waiting_counts_per_type(backend: Backend) -> None:
         )
     )
     assert backend.waiting_counts() == {"t": (1, 2), "u": (1, 0)}
+
+
+def test_pg_checks_a_pooled_connection_only_after_it_was_idle(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from psycopg_pool import ConnectionPool
+
+    from stackduck_trio import _postgres
+
+    checks: list[object] = []
+    real = ConnectionPool.check_connection
+
+    def counting(conn: psycopg.Connection[Any]) -> None:
+        checks.append(conn)
+        real(conn)
+
+    monkeypatch.setattr(ConnectionPool, "check_connection", staticmethod(counting))
+    b = PostgresBackend(SHARED_DATABASE_URL, schema=pg_schema, pool_min=1, pool_max=1)
+    b.open()
+    try:
+        b.commit(Batch([make_job(0)], ()))
+        fresh = len(checks)
+        assert fresh <= 1  # a connection that never answered a statement is checked
+        for n in range(1, 11):  # in use: no extra round trip per commit
+            b.commit(Batch([make_job(n)], ()))
+        assert b.load_running([]) == []
+        assert len(checks) == fresh
+        monkeypatch.setattr(_postgres, "CHECK_AFTER_IDLE", 0.0)  # as if idle for long
+        b.commit(Batch([make_job(11)], ()))
+        assert len(checks) == fresh + 1
+        # a connection a restart broke while idle is replaced, not used
+        monkeypatch.setattr(_postgres, "CHECK_AFTER_IDLE", 1.0)
+        with admin_connection() as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND query LIKE %s",
+                (f"%{pg_schema}%",),
+            ).fetchone()
+        assert killed == (1,)
+        monkeypatch.setattr(_postgres, "CHECK_AFTER_IDLE", 0.0)
+        b.commit(Batch([make_job(12)], ()))
+        assert b.counts() == {"queued": 13}
+    finally:
+        b.close()
