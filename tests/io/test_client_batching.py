@@ -7,6 +7,7 @@ the RPCs made, so the tests can tell batches from unary calls.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -19,6 +20,7 @@ from stackduck_trio import (
     ResourceExhausted,
     Unavailable,
 )
+from stackduck_trio._store import Batch, MemoryBackend, StorageUnavailable
 from stackduck_trio.testing import open_test_server
 
 
@@ -268,3 +270,57 @@ async def test_waiting_callers_fail_when_client_closes(address: str) -> None:
                     outside.start_soon(produce)
                 await trio.sleep(0.05)
     assert len(errors) == 3
+
+
+class GatedStore(MemoryBackend):
+    """A memory record store whose commits wait (on the store's thread) for a gate."""
+
+    threaded = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def commit(self, batch: Batch) -> frozenset[str]:
+        if not self.gate.wait(10):
+            raise StorageUnavailable("gate left closed")
+        return super().commit(batch)
+
+
+@pytest.mark.parametrize("inflight", [1, 2])
+async def test_calls_go_at_once_while_a_batch_slot_is_free(inflight: int) -> None:
+    store = GatedStore()
+    with trio.fail_after(20):
+        async with (
+            open_test_server(backend=store) as (port, _),
+            Client.connect(f"127.0.0.1:{port}", batch_inflight=inflight) as client,
+        ):
+            await client.enqueue("warm")
+            store.gate.clear()  # every commit waits: batches stay in flight
+            ids: list[str] = []
+
+            async def produce(n: int) -> None:
+                ids.append(await client.enqueue("slots", {"n": n}))
+
+            async with trio.open_nursery() as nursery:
+                for n in range(6):
+                    nursery.start_soon(produce, n)
+                    await trio.sleep(0.02)  # one after the other, not in one go
+                # The first call went alone, and so did the second if a slot was
+                # free; the others wait for a slot and then travel together.
+                await trio.sleep(0.1)
+                assert client.statistics()["enqueue_batches"] == 1 + inflight
+                store.gate.set()
+            assert len(set(ids)) == 6
+            assert client.statistics()["enqueue_batches"] == 1 + inflight + 1
+            assert client.statistics()["enqueue_batched_jobs"] == 7
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("batch_max", 0), ("batch_linger", -1.0), ("batch_inflight", 0)]
+)
+async def test_batching_options_are_checked(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=option):
+        async with Client.connect("127.0.0.1:1", lazy=True, **{option: value}):  # type: ignore[arg-type]
+            pass
