@@ -38,7 +38,7 @@ from psycopg import sql
 
 from stackduck_core import EPOCH, Allowance, Job, Status, TypeLimit
 
-from ._postgres import PostgresBackend
+from ._postgres import PostgresBackend, render_queries
 from ._postgres import _row as job_params
 from ._store import (
     _COLUMNS,
@@ -80,6 +80,7 @@ class PostgresTier:
         #: The NOTIFY channel of this schema (identifiers are at most 63 bytes).
         self.channel = f"stackduck_ready_{digest}"
         self._build_queries()
+        render_queries(self)
 
     def _build_queries(self) -> None:
         jobs = sql.Identifier(self.backend.schema, "jobs")

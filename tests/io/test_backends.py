@@ -1358,17 +1358,17 @@ def test_pg_indexes_serve_the_queries(pg_schema: str) -> None:
         admin.execute("SET enable_seqscan = off")  # tiny table: make the planner show its hand
         # the backend's own statements, so a drift between query and index predicate shows
         for query, index in ((b._q_active, "jobs_active"), (b._q_counts, "jobs_status")):
-            plan = admin.execute(b"EXPLAIN " + query.as_bytes(admin)).fetchall()
+            plan = admin.execute(b"EXPLAIN " + query).fetchall()
             assert index in str(plan), plan
-        plan = admin.execute(b"EXPLAIN " + b._q_get.as_bytes(admin), ("x",)).fetchall()
+        plan = admin.execute(b"EXPLAIN " + b._q_get, ("x",)).fetchall()
         assert "jobs_pkey" in str(plan), plan
-        plan = admin.execute(b"EXPLAIN " + b._q_find_key.as_bytes(admin), ("x",)).fetchall()
+        plan = admin.execute(b"EXPLAIN " + b._q_find_key, ("x",)).fetchall()
         assert "jobs_idempotency_key" in str(plan), plan
         for query, index in (
             (b._q_prune_finished, "jobs_finished"),
             (b._q_prune_dead, "jobs_dead"),
         ):
-            plan = admin.execute(b"EXPLAIN " + query.as_bytes(admin), (1.0, 10)).fetchall()
+            plan = admin.execute(b"EXPLAIN " + query, (1.0, 10)).fetchall()
             assert index in str(plan), plan
 
 
@@ -1684,11 +1684,10 @@ def test_pg_stale_running_leaves_out_rows_claimed_through_the_record_store(
 
 
 def explain(
-    admin: psycopg.Connection[tuple[object, ...]], query: sql.Composable, params: Any = None
+    admin: psycopg.Connection[tuple[object, ...]], query: sql.Composable | bytes, params: Any = None
 ) -> str:
-    return "\n".join(
-        str(row[0]) for row in admin.execute("EXPLAIN " + query.as_string(admin), params)
-    )
+    text = query if isinstance(query, bytes) else query.as_bytes(admin)
+    return "\n".join(str(row[0]) for row in admin.execute(b"EXPLAIN " + text, params))
 
 
 @contextlib.contextmanager
@@ -2022,3 +2021,14 @@ def test_pg_checks_a_pooled_connection_only_after_it_was_idle(
         assert b.counts() == {"queued": 13}
     finally:
         b.close()
+
+
+def test_pg_statements_are_rendered_once() -> None:
+    """psycopg would render a composed statement at every execute (half a commit's CPU)."""
+    backend = PostgresBackend(SHARED_DATABASE_URL, schema="stackduck_render_check")
+    tier = PostgresTier(backend)
+    for owner in (backend, tier):
+        queries = {k: v for k, v in vars(owner).items() if k.startswith("_q_")}
+        assert len(queries) >= 10
+        assert all(isinstance(v, bytes) for v in queries.values()), queries
+    assert b'"stackduck_render_check"."jobs"' in backend._q_upsert
