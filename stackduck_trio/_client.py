@@ -148,6 +148,8 @@ DEFAULT_PROBE_TIMEOUT: Final = 2.0
 DEFAULT_MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 #: Defaults of the client-side enqueue batching (see :meth:`Client.enqueue`).
 DEFAULT_BATCH_MAX: Final = 500
+#: Most ``EnqueueJobs`` batches in flight at once.
+DEFAULT_BATCH_INFLIGHT: Final = 4
 #: Largest ``EnqueueJobs`` request the batcher builds, in bytes: well under the
 #: server's default 4 MiB receive limit. A single larger request goes unary.
 BATCH_MAX_BYTES: Final = 1024 * 1024
@@ -1157,6 +1159,15 @@ class _PendingEnqueue:
             self.done.set()
 
 
+def _check_batching(batch_max: int, batch_linger: float, batch_inflight: int) -> None:
+    if batch_max < 1:
+        raise ValueError("batch_max must be at least 1")
+    if batch_linger < 0:
+        raise ValueError("batch_linger must be >= 0")
+    if batch_inflight < 1:
+        raise ValueError("batch_inflight must be at least 1")
+
+
 def _copy_error(exc: ClientError) -> ClientError:
     # One instance per waiting caller: an exception object raised in many tasks
     # would collect all their tracebacks.
@@ -1192,6 +1203,7 @@ class Client:
         batch_enqueue: bool = True,
         batch_max: int = DEFAULT_BATCH_MAX,
         batch_linger: float = 0.0,
+        batch_inflight: int = DEFAULT_BATCH_INFLIGHT,
     ) -> None:
         # Private: use Client.connect(), which owns `nursery` for the client's lifetime.
         self.address = address
@@ -1210,13 +1222,11 @@ class Client:
         self._connect_lock = trio.Lock()
         self._closed = False
         self.connections = 0
-        if batch_max < 1:
-            raise ValueError("batch_max must be at least 1")
-        if batch_linger < 0:
-            raise ValueError("batch_linger must be >= 0")
+        _check_batching(batch_max, batch_linger, batch_inflight)
         self._batch_enqueue = batch_enqueue
         self._batch_max = batch_max
         self._batch_linger = batch_linger
+        self._batch_slots = trio.Semaphore(batch_inflight)
         self._batch_pending: collections.deque[_PendingEnqueue] = collections.deque()
         self._batch_wakeup = trio.Event()
         self._batcher_started = False
@@ -1242,6 +1252,7 @@ class Client:
         batch_enqueue: bool = True,
         batch_max: int = DEFAULT_BATCH_MAX,
         batch_linger: float = 0.0,
+        batch_inflight: int = DEFAULT_BATCH_INFLIGHT,
     ) -> AsyncIterator[Client]:
         """Connect to a server for the duration of an ``async with`` block.
 
@@ -1265,9 +1276,15 @@ class Client:
                 one unary ``EnqueueJob`` per call.
             batch_max: Most jobs per ``EnqueueJobs`` batch.
             batch_linger: Seconds the batcher waits for more calls before sending a
-                batch. ``0`` (the default) sends at once when no batch is in flight,
-                so a lone sequential producer pays no added latency; calls made while
-                a batch is in flight go in the next one.
+                batch. ``0`` (the default) sends at once while fewer than
+                ``batch_inflight`` batches are in flight, so a lone sequential producer
+                pays no added latency; calls made while that many are in flight go in
+                the next one.
+            batch_inflight: Most ``EnqueueJobs`` batches in flight at once (default
+                4). A call does not wait behind a slow batch while a slot is free;
+                under load, calls coalesce into at most this many concurrent batches.
+                Jobs of concurrent calls in different batches are not ordered among
+                themselves (an awaited call's job is always queued before the next).
 
         Yields:
             The client, usable inside the block only.
@@ -1276,6 +1293,7 @@ class Client:
             Unavailable: ``lazy`` is false and the server cannot be reached.
             ValueError: ``address`` is not ``HOST:PORT``.
         """
+        _check_batching(batch_max, batch_linger, batch_inflight)  # before the nursery
         ssl_context: ssl.SSLContext | None = None
         if isinstance(tls, ssl.SSLContext):
             ssl_context = tls
@@ -1298,6 +1316,7 @@ class Client:
                 batch_enqueue=batch_enqueue,
                 batch_max=batch_max,
                 batch_linger=batch_linger,
+                batch_inflight=batch_inflight,
             )
             try:
                 if not lazy:
@@ -1464,8 +1483,8 @@ class Client:
 
         Batching: with ``batch_enqueue`` (the default, see :meth:`connect`), concurrent
         calls from many tasks are coalesced into ``EnqueueJobs`` batches (one group
-        commit on the server for many jobs); a call made while no batch is in flight is
-        sent at once. Each call still gets its own result and the same exception a
+        commit on the server for many jobs); a call made while fewer than
+        ``batch_inflight`` batches are in flight is sent at once. Each call still gets its own result and the same exception a
         unary call would raise, and its own ``timeout``. A call cancelled (or timed out)
         before its batch is sent creates no job; once its batch is sent, the job may be
         created even though the caller no longer waits for the answer.
@@ -1494,8 +1513,9 @@ class Client:
     # BATCH_MAX_BYTES -- as one EnqueueJobs call, waits for its answer, and hands each
     # caller its own ItemResult: the job id, or the per-item status raised as the same
     # ClientError subclass and message a unary EnqueueJob would raise (the server maps
-    # a rejection to a status the same way for both). Calls made while a batch is in
-    # flight go in the next one. An error of the batch call as a whole (transport,
+    # a rejection to a status the same way for both). Up to batch_inflight batches are
+    # in flight, each in a task of its own; calls made while all slots are taken go in
+    # the next one. An error of the batch call as a whole (transport,
     # deadline, auth) fails every caller in it with that error, except that
     # UNIMPLEMENTED (a server without EnqueueJobs: batching is switched off) and a
     # RESOURCE_EXHAUSTED batch of several jobs (too large for the server) make each
@@ -1560,20 +1580,28 @@ class Client:
                         while len(self._batch_pending) < self._batch_max:
                             self._batch_wakeup = trio.Event()
                             await self._batch_wakeup.wait()
+                # A free slot first: while every slot is busy, calls pile up into
+                # the next batch.
+                await self._batch_slots.acquire()
                 batch = self._take_batch()
                 if not batch:
+                    self._batch_slots.release()
                     continue
-                try:
-                    await self._send_batch(batch)
-                finally:
-                    # Only a cancellation (the client closing) leaves items unresolved.
-                    for item in batch:
-                        item.resolve(error=Unavailable("the client is closed"))
+                self._nursery.start_soon(self._send_batch_in_slot, batch)
         finally:
             # The client is closing (its nursery is cancelled): nobody will send these.
             for item in self._batch_pending:
                 item.resolve(error=Unavailable("the client is closed"))
             self._batch_pending.clear()
+
+    async def _send_batch_in_slot(self, batch: list[_PendingEnqueue]) -> None:
+        try:
+            await self._send_batch(batch)
+        finally:
+            self._batch_slots.release()
+            # Only a cancellation (the client closing) leaves items unresolved.
+            for item in batch:
+                item.resolve(error=Unavailable("the client is closed"))
 
     async def _send_batch(self, batch: list[_PendingEnqueue]) -> None:
         self._enqueue_batches += 1
