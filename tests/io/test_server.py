@@ -128,3 +128,45 @@ def test_two_servers_cannot_share_a_data_directory(tmp_path: pathlib.Path) -> No
         with pytest.raises(RuntimeError, match="exited with 1"):
             second.start()
         assert "in use by another Stackduck server" in second.log_path.read_text()
+
+
+async def test_streams_opened_together_do_not_send_heartbeats_together() -> None:
+    """Workers reconnecting together must not make the server beat in one burst."""
+    import bisect
+
+    from stackduck_trio import Client, JobStream
+
+    interval, count = 1.0, 200
+    first: dict[int, float] = {}
+
+    async def read(stream: JobStream) -> None:
+        async for _ in stream:
+            pass  # nothing is ever enqueued: only heartbeats come
+
+    with trio.fail_after(20):
+        async with open_test_server(heartbeat_interval=interval) as (port, _):
+            async with Client.connect(f"127.0.0.1:{port}") as client:
+                streams = [client.consume(["nobody-enqueues-this"]) for _ in range(count)]
+                async with trio.open_nursery() as nursery:
+                    for stream in streams:
+                        await stream.open()
+                        nursery.start_soon(read, stream)
+                    opened = trio.current_time()
+                    for _ in range(int(3 * interval / 0.005)):
+                        await trio.sleep(0.005)
+                        for n, stream in enumerate(streams):
+                            if stream.heartbeats and n not in first:
+                                first[n] = stream.last_message_at - opened
+                        if len(first) == count:
+                            break
+                    nursery.cancel_scope.cancel()
+    times = sorted(first.values())
+    assert len(times) == count
+    assert times[-1] < interval + 0.2
+    # spread over the interval: no 50 ms holds more than 15% of the first heartbeats
+    busiest = max(bisect.bisect(times, t + 0.05) - i for i, t in enumerate(times))
+    print(
+        f"\nfirst heartbeats of {count} streams over {times[0]:.3f}..{times[-1]:.3f} s, "
+        f"busiest 50 ms: {busiest}"
+    )
+    assert busiest <= 0.15 * count
