@@ -9,6 +9,7 @@ status is printed), 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import pathlib
 import signal
@@ -84,6 +85,14 @@ async def _serve_until_signalled(config: object, ready_file: pathlib.Path | None
 
         nursery.start_soon(watch_signals)
         port = await nursery.start(run_server)
+        # Everything made so far (modules, classes, the server's own state:
+        # ~36k objects) lives as long as the process: out of the cyclic
+        # garbage collector's sight. Full collections scanned them every time;
+        # with 1,000 streams connected they paused the server for up to 80 ms
+        # (bench idle_streams: enqueue p99 77 ms; 10 ms once frozen).
+        gc.collect()
+        gc.freeze()
+        log.info("%d objects alive at start left out of garbage collections", gc.get_freeze_count())
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
             tmp.write_text(f"{port}\n")
