@@ -1065,7 +1065,7 @@ class Written:
             base no longer matched: the job changed elsewhere meanwhile).
     """
 
-    __slots__ = ("deletes", "done", "due", "ids", "on_commit", "refused", "upserts")
+    __slots__ = ("deletes", "done", "due", "ids", "on_commit", "refused", "seq", "upserts")
 
     def __init__(
         self,
@@ -1083,6 +1083,8 @@ class Written:
         self.due = due
         #: the jobs it writes (for :func:`~stackduck_core.plan_commit`)
         self.ids = frozenset(job.id for job in upserts).union(deletes)
+        #: its place among the committer's writes (1, 2, ...)
+        self.seq = 0
 
     async def wait(self) -> None:
         """Until the batch holding these records has committed."""
@@ -1137,6 +1139,8 @@ class GroupCommitter:
         self._thread = StoreThread(f"stackduck-{backend.kind}")
         self._closed = False
         self._reconcile_id: int | None = None
+        self._reconcile_upto = 0  # the last write made before the reconcile began
+        self._writes = 0  # writes made so far (Written.seq)
         self._finished = trio.Event()
         self._batches = 0
         self._rows = 0
@@ -1180,6 +1184,8 @@ class GroupCommitter:
             raise StorageUnavailable("the record store is shut down")
         due = self._now() + defer if defer > 0 else -math.inf
         item = Written(tuple(upserts), tuple(deletes), on_commit, due)
+        self._writes += 1
+        item.seq = self._writes
         self._pending.append(item)
         self._pending_rows += len(item.upserts) + len(item.deletes)
         self._wakeup.set()
@@ -1304,9 +1310,13 @@ class GroupCommitter:
                         # waiters nor kill the writer (and with it the server).
                         log.exception("on_commit callback failed")
                 item.done.set()
-            if self._reconcile_id is not None and not self._pending:
+            if self._reconcile_id is not None and (
+                not self._pending or self._pending[0].seq > self._reconcile_upto
+            ):
                 # Recovery's reconcile for a record store is flushing what
-                # queued up while it was away: that backlog has now committed.
+                # queued up while it was away: that backlog (every write made
+                # before it began) has now committed. Later writes do not
+                # count: deliveries deferred by 50 ms keep arriving under load.
                 reconcile_id, self._reconcile_id = self._reconcile_id, None
                 self._apply_health(ReconcileFinished(now=self._now(), reconcile_id=reconcile_id))
 
@@ -1346,6 +1356,7 @@ class GroupCommitter:
                     self.on_health(effect)
             elif isinstance(effect, StartReconcile):
                 self._reconcile_id = effect.reconcile_id
+                self._reconcile_upto = self._writes
 
     @staticmethod
     def _merge(items: Sequence[_Pending]) -> Batch:

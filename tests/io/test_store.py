@@ -277,3 +277,36 @@ async def test_a_failed_batch_is_retried_as_it_was_while_deferred_writes_wait(
         assert backend.rows["job-0"].status is Status.COMPLETED
         committer.close()
     assert committer.statistics().pending == 0
+
+
+@pytest.mark.parametrize("defer", [0.0, 0.05])
+async def test_recovery_finishes_while_deferred_writes_keep_coming(
+    autojump_clock: trio.abc.Clock, defer: float
+) -> None:
+    """The reconcile waits for the backlog of the outage, not for writes made after."""
+    backend = MemoryBackend()
+    committer = autojump_committer(backend)
+    health = committer.health
+    backend.fail_next = 6  # down, then recovering once it answers
+    async with trio.open_nursery() as nursery:
+        await nursery.start(committer.run)
+
+        async def deliveries() -> None:  # 100 a second, each record deferred
+            for n in range(1, 10_000):
+                committer.write([make_job(n)], defer=defer)
+                await trio.sleep(0.01)
+
+        nursery.start_soon(deliveries)  # through the outage and after
+        await committer.write([make_job(0)]).wait()
+        with trio.move_on_after(60):
+            await health_becomes(health, Health.HEALTHY)
+        state = health.state
+        nursery.cancel_scope.cancel()
+    assert state is Health.HEALTHY, f"defer={defer}: still {state.value} after 60 s"
+
+
+async def health_becomes(health: BackendHealth, state: Health) -> None:
+    for _ in range(10_000):
+        if health.state is state:
+            return
+        await trio.sleep(0.01)
