@@ -89,8 +89,10 @@ async def _serve_until_signalled(config: object, ready_file: pathlib.Path | None
         # ~36k objects) lives as long as the process: out of the cyclic
         # garbage collector's sight. Full collections scanned them every time;
         # with 1,000 streams connected they paused the server for up to 80 ms
-        # (bench idle_streams: enqueue p99 77 ms; 10 ms once frozen).
-        gc.collect()
+        # (bench idle_streams: enqueue p99 77 ms; 10 ms once frozen). No
+        # gc.collect() first: with a big queue restored it would stall the
+        # first calls; freezing is O(1), and the few cycles of the start that
+        # are garbage already stay (refcounting still frees everything else).
         gc.freeze()
         log.info("%d objects alive at start left out of garbage collections", gc.get_freeze_count())
         if ready_file is not None:
