@@ -47,7 +47,7 @@ from ._store import (
     limit_from_columns,
     row_to_job,
 )
-from ._tier import Claim, Claims, TierCounts, TierUnavailable
+from ._tier import HELD, Claim, Claims, Held, TierCounts, TierUnavailable
 
 _WAITING = (Status.QUEUED, Status.SCHEDULED)
 
@@ -186,6 +186,9 @@ class PostgresTier:
             "UPDATE {jobs} j SET claim_owner = {removed} FROM locked "
             "WHERE j.id = locked.id RETURNING {qcols}"
         ).format(jobs=jobs, removed=sql.Literal(REMOVED), qcols=qcols)
+        self._q_held = sql.SQL(
+            "SELECT id FROM {jobs} WHERE id = ANY(%s) AND claim_token IS NOT NULL"
+        ).format(jobs=jobs)
         limits = sql.Identifier(self.backend.schema, "type_limits")
         # Claims of a limited type hold its limits row: one claimer of the
         # type at a time, so the running count it reads cannot be stale.
@@ -370,16 +373,23 @@ class PostgresTier:
         n = len(_COLUMNS)
         return [Claim(row_to_job(r[:n]), r[n], r[n + 1], float(r[n + 2])) for r in rows]
 
-    async def remove(self, job_ids: Sequence[str]) -> list[Job | None]:
+    async def remove(self, job_ids: Sequence[str]) -> list[Job | Held | None]:
         if not job_ids:
             return []
 
-        def remove(conn: psycopg.Connection[Any]) -> dict[str, Job]:
+        def remove(conn: psycopg.Connection[Any]) -> tuple[dict[str, Job], set[str]]:
             rows = conn.execute(self._q_remove, (list(job_ids),)).fetchall()
-            return {r[0]: row_to_job(r) for r in rows}
+            found = {r[0]: row_to_job(r) for r in rows}
+            rest = [job_id for job_id in job_ids if job_id not in found]
+            held = {r[0] for r in conn.execute(self._q_held, (rest,))} if rest else set()
+            return found, held
 
-        found = await self._run("remove", remove)
-        return [found.pop(job_id, None) for job_id in job_ids]  # a repeated id: once
+        found, held = await self._run("remove", remove)
+        # a repeated id: removed once
+        return [
+            found.pop(job_id) if job_id in found else HELD if job_id in held else None
+            for job_id in job_ids
+        ]
 
     async def set_paused(self, job_type: str, paused: bool) -> None:
         def pause(conn: psycopg.Connection[Any]) -> None:

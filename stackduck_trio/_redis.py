@@ -102,7 +102,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from stackduck_core import Job, RateLimit, Status, TypeLimit, gcra, placement
 from stackduck_core._ordering import SEQ_BITS
 
-from ._tier import Claim, Claims, TierCounts, TierUnavailable
+from ._tier import HELD, Claim, Claims, Held, TierCounts, TierUnavailable
 
 __all__ = ["RedisTier", "job_from_json", "job_to_json", "open_redis_tier"]
 
@@ -416,6 +416,8 @@ for i = 3, #ARGV do
     if record then
       unlink(id)
     end
+  else
+    record = '!'  -- claimed: held by an instance (never a record: those are JSON)
   end
   out[#out + 1] = record
 end
@@ -706,13 +708,16 @@ class RedisTier:
         out = await self._script("expired", [_num(now), str(int(limit))])
         return [_claim_from(out[i + 1], out[i + 2]) for i in range(0, len(out), 3)]
 
-    async def remove(self, job_ids: Sequence[str]) -> list[Job | None]:
-        """One script: take out each unclaimed job, returning its record."""
+    async def remove(self, job_ids: Sequence[str]) -> list[Job | Held | None]:
+        """One script: take out each unclaimed job, returning its record (HELD if claimed)."""
         if not job_ids:
             return []
         out = await self._script("remove", list(job_ids))
         # Lua false arrives as nil (None), and as False were the script to use RESP3
-        return [job_from_json(record) if isinstance(record, str) else None for record in out]
+        return [
+            HELD if record == "!" else job_from_json(record) if isinstance(record, str) else None
+            for record in out
+        ]
 
     async def set_paused(self, job_type: str, paused: bool) -> None:
         """One script, so that a resume and its wake-up are one step."""

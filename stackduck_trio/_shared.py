@@ -83,7 +83,7 @@ from stackduck_core._failover import (
 
 from ._broker import Broker, Unavailable, new_id
 from ._store import StorageUnavailable, Written, dead_page_token
-from ._tier import Claims, TierUnavailable
+from ._tier import HELD, Claims, TierUnavailable
 from ._tier import QueueTier as Tier
 
 log = logging.getLogger("stackduck.shared")
@@ -296,22 +296,29 @@ class SharedBroker(Broker):
         if self.core.get(job_id) is not None:
             return await super().cancel(job_id)
         await self._admission()
+        elsewhere = Rejected(
+            RejectReason.WRONG_STATE,
+            f"job {job_id} is running on another server instance; cancel it there",
+        )
         record: Job | None = None
         tier = self.active()
         if tier is not None:
             try:
-                record = (await self._call(functools.partial(tier.remove, [job_id]), tier))[0]
+                removed = (await self._call(functools.partial(tier.remove, [job_id]), tier))[0]
             except TierUnavailable:
-                record = None
+                removed = None
+            if removed is HELD:
+                # Claimed by an instance: it runs there (or is about to), even
+                # while its record still says queued (a delivery's record may
+                # wait up to delivery_write_delay for its commit).
+                return elsewhere
+            record = removed if isinstance(removed, Job) else None
         if record is None:
             record = await self._stored(job_id)
         if record is None:
             return Rejected(RejectReason.NOT_FOUND, f"no job with id {job_id}", "job_id")
         if record.status is Status.RUNNING:
-            return Rejected(
-                RejectReason.WRONG_STATE,
-                f"job {job_id} is running on another server instance; cancel it there",
-            )
+            return elsewhere
         result = self.core.decide(record, Cancelled(now=self.clock.now()))
         if not isinstance(result, Job):
             assert result is not None  # only a purge deletes

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -73,6 +73,18 @@ class Claims(list[Claim]):
         out.held = held
         out.retry_at = retry_at
         return out
+
+
+@attrs.frozen
+class Held:
+    """:meth:`QueueTier.remove`'s answer for a job some instance has claimed."""
+
+    def __repr__(self) -> str:
+        return "HELD"
+
+
+#: The one :class:`Held` value.
+HELD: Final = Held()
 
 
 @attrs.frozen
@@ -161,8 +173,10 @@ class QueueTier(Protocol):
         """Claims whose deadline is at or before ``now`` (oldest first), unchanged."""
         ...
 
-    async def remove(self, job_ids: Sequence[str]) -> list[Job | None]:
-        """Remove unclaimed jobs (cancel); a claimed or unknown job gives ``None``."""
+    async def remove(self, job_ids: Sequence[str]) -> list[Job | Held | None]:
+        """Remove unclaimed jobs (cancel): the record of each one removed,
+        :data:`HELD` for a job an instance has claimed, ``None`` for an
+        unknown one."""
         ...
 
     async def set_paused(self, job_type: str, paused: bool) -> None: ...
@@ -371,12 +385,12 @@ class MemoryTier:
             out.append(claim)
         return out
 
-    async def remove(self, job_ids: Sequence[str]) -> list[Job | None]:
-        out: list[Job | None] = []
+    async def remove(self, job_ids: Sequence[str]) -> list[Job | Held | None]:
+        out: list[Job | Held | None] = []
         for job_id in job_ids:
             entry = self._entries.get(job_id)
             if entry is None or entry.where == "claimed":
-                out.append(None)
+                out.append(None if entry is None else HELD)
                 continue
             self._unlink(entry)
             out.append(entry.job)

@@ -18,7 +18,7 @@ import trio_asyncio  # type: ignore[import-untyped]
 
 from stackduck_core import LifecyclePolicy, QueueCore, TypeLimit
 from stackduck_core._failover import BackendHealth, BackendRole
-from stackduck_trio import Client, JobInfo, Worker
+from stackduck_trio import Client, FailedPrecondition, JobInfo, Worker
 from stackduck_trio._broker import new_id
 from stackduck_trio._clock import TrioWallClock
 from stackduck_trio._postgres import PostgresBackend
@@ -149,6 +149,28 @@ async def test_a_job_enqueued_on_one_instance_runs_on_the_other(schema: str, kin
                 await wait_for(completed)
             worker.stop()
         assert [j.id for j in seen] == [job_id]
+
+
+async def test_a_job_delivered_on_one_instance_is_not_cancelled_from_the_other(
+    schema: str, kind: str
+) -> None:
+    async with cluster(schema, kind) as (a, b):
+        async with Client.connect(a) as client_a, Client.connect(b) as client_b:
+            async with client_b.consume(["held"], prefetch=1) as jobs:
+                job_id = await client_a.enqueue("held", {"n": 1})
+                with trio.fail_after(5):
+                    job = await jobs.__anext__()
+                assert job.id == job_id
+                # At once: its delivery's record may still say queued (it waits
+                # up to 50 ms for its commit), but the tier knows B holds it.
+                with pytest.raises(FailedPrecondition, match="running on another server"):
+                    await client_a.cancel(job_id)
+                await trio.sleep(0.1)  # on record as running by now
+                assert (await client_a.get(job_id)).status == "running"
+                with pytest.raises(FailedPrecondition, match="running on another server"):
+                    await client_a.cancel(job_id)
+                await client_b.complete(job_id, job.lease_id)
+            assert (await client_a.get(job_id)).status == "completed"
 
 
 async def test_every_job_wakes_the_idle_worker_at_once(schema: str, kind: str) -> None:

@@ -36,7 +36,14 @@ from stackduck_core._ordering import MAX_SEQ, ready_seq
 from stackduck_trio._pgtier import PostgresTier
 from stackduck_trio._postgres import PostgresBackend
 from stackduck_trio._redis import RedisTier, job_from_json, job_to_json, open_redis_tier
-from stackduck_trio._tier import Claim, MemoryTier, QueueTier, TierCounts, TierUnavailable
+from stackduck_trio._tier import (
+    HELD,
+    Claim,
+    MemoryTier,
+    QueueTier,
+    TierCounts,
+    TierUnavailable,
+)
 
 from .test_backends import NOW, SHARED_DATABASE_URL, make_job, private_schema
 
@@ -649,7 +656,7 @@ async def test_remove(tier: QueueTier) -> None:
     await tier.push([make_job(1), make_job(2), sched])
     assert await claim_ids(tier, limit=1) == ["job-1"]
     out = await tier.remove(["job-1", "job-2", "job-3", "nope", "job-2"])
-    assert out == [None, make_job(2), sched, None, None]
+    assert out == [HELD, make_job(2), sched, None, None]  # job-1 is claimed: held
     assert await tier.remove([]) == []
     assert await tier.counts() == TierCounts({}, 0, 1)
     assert await tier.next_due() is None
