@@ -33,7 +33,7 @@ from typing import Final, Protocol
 import attrs
 import trio
 
-from stackduck_core import Job, Status, TypeLimit, placement
+from stackduck_core import Job, Limiter, Status, TypeLimit, placement
 
 
 @attrs.frozen
@@ -236,8 +236,7 @@ class MemoryTier:
         self._claims: list[tuple[float, str]] = []
         self._paused: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
-        self._limits: dict[str, TypeLimit] = {}
-        self._tats: dict[str, float] = {}
+        self._limiter = Limiter()  # the core's bookkeeping of the limits and rate state
         self._claimed: Counter[str] = Counter()  # claims per job type
 
     async def open(self) -> None:
@@ -313,21 +312,13 @@ class MemoryTier:
         if job_type in self._paused or limit <= 0:
             return Claims()
         ready = self._ready.get(job_type, [])
-        rules = self._limits.get(job_type)
-        held: str | None = None
-        retry_at: float | None = None
-        if rules is not None:
-            want = min(limit, len(ready))
-            allowance = rules.decide(
-                want, tat=self._tats.get(job_type), now=now, running=self._claimed[job_type]
-            )
-            limit, held, retry_at = allowance.granted, allowance.held, allowance.retry_at
+        allowance = self._limiter.check(
+            job_type, min(limit, len(ready)), now=now, running=self._claimed[job_type]
+        )
+        limit, held, retry_at = allowance.granted, allowance.held, allowance.retry_at
         taken = ready[:limit]
         del ready[:limit]
-        if rules is not None and taken:
-            tat = rules.taken(len(taken), tat=self._tats.get(job_type), now=now)
-            if tat is not None:
-                self._tats[job_type] = tat
+        self._limiter.take(job_type, len(taken), now=now)
         self._claimed[job_type] += len(taken)
         claims = Claims.limited((), held, retry_at)
         for _score, job_id in taken:
@@ -352,7 +343,7 @@ class MemoryTier:
                 kind = self._place(record)
                 if kind is not None:
                     woken.add(kind)
-            rules = self._limits.get(entry.job.job_type)
+            rules = self._limiter.get(entry.job.job_type)
             if rules is not None and rules.max_running is not None:
                 woken.add(entry.job.job_type)  # room for one more
             results.append(True)
@@ -407,17 +398,11 @@ class MemoryTier:
         return frozenset(self._paused)
 
     async def set_limit(self, job_type: str, limit: TypeLimit | None) -> None:
-        old = self._limits.get(job_type)
-        if limit is None:
-            self._limits.pop(job_type, None)
-        else:
-            self._limits[job_type] = limit
-        if limit is None or old is None or limit.rate != old.rate:
-            self._tats.pop(job_type, None)
+        self._limiter.set(job_type, limit)  # keeps the rate's state only for the same rate
         self._notify([job_type])  # a looser limit may let jobs go now
 
     async def limited_types(self) -> frozenset[str]:
-        return frozenset(self._limits)
+        return frozenset(self._limiter.limits())
 
     async def next_due(self) -> float | None:
         return self._scheduled[0][0] if self._scheduled else None
