@@ -55,6 +55,16 @@ def _request(
         conn.close()
 
 
+def exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes to the listener; everything it answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
 async def call(
     port: int,
     method: str,
@@ -319,22 +329,14 @@ async def test_listener_survives_garbage_and_keeps_connections_alive(
 ) -> None:
     port, _ = server
 
-    def raw(data: bytes) -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(data)
-            out = b""
-            while chunk := sock.recv(65536):
-                out += chunk
-            return out
-
-    answer = await trio.to_thread.run_sync(raw, b"\x00\x01 not http\r\n\r\n")
+    answer = await trio.to_thread.run_sync(exchange, port, b"\x00\x01 not http\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400 ") and b'"error"' in answer
     huge_header = b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20000 + b"\r\n\r\n"
-    answer = await trio.to_thread.run_sync(raw, huge_header)
+    answer = await trio.to_thread.run_sync(exchange, port, huge_header)
     assert answer.split(b" ")[1] in (b"400", b"431")
     for target in (b"http://elsewhere/", b"/api/jobs/%ff"):
         request = b"GET " + target + b" HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-        answer = await trio.to_thread.run_sync(raw, request)
+        answer = await trio.to_thread.run_sync(exchange, port, request)
         assert answer.startswith(b"HTTP/1.1 400 "), answer
     # a client that connects and says nothing, or goes away mid-request, costs nothing
     idle = socket.create_connection(("127.0.0.1", port))
@@ -371,18 +373,10 @@ async def test_slow_clients_time_out_and_connections_are_bounded(
     port, _ = server
     monkeypatch.setattr(_http, "REQUEST_TIMEOUT", 0.5)
 
-    def slow(data: bytes) -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(data)
-            out = b""
-            while chunk := sock.recv(65536):
-                out += chunk
-            return out
-
     # silence: closed without an answer; a body that never ends: 408
-    assert await trio.to_thread.run_sync(slow, b"") == b""
+    assert await trio.to_thread.run_sync(exchange, port, b"") == b""
     started = b"POST /api/pause HTTP/1.1\r\nhost: x\r\ncontent-length: 50\r\n\r\n{"
-    answer = await trio.to_thread.run_sync(slow, started)
+    answer = await trio.to_thread.run_sync(exchange, port, started)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"too long to arrive" in answer
 
     # past MAX_CONNECTIONS open at once, a new one is told 503 and closed
@@ -392,7 +386,7 @@ async def test_slow_clients_time_out_and_connections_are_bounded(
         with trio.fail_after(10):
             while True:
                 probe = b"GET /api/stats HTTP/1.1\r\nhost: x\r\n\r\n"
-                answer = await trio.to_thread.run_sync(slow, probe)
+                answer = await trio.to_thread.run_sync(exchange, port, probe)
                 if not answer.startswith(b"HTTP/1.1 200 "):
                     break
                 await trio.sleep(0.02)
