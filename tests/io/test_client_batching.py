@@ -309,7 +309,10 @@ async def test_calls_go_at_once_while_a_batch_slot_is_free(inflight: int) -> Non
                     await trio.sleep(0.02)  # one after the other, not in one go
                 # The first call went alone, and so did the second if a slot was
                 # free; the others wait for a slot and then travel together.
-                await trio.sleep(0.1)
+                with trio.fail_after(5):
+                    while client.statistics()["enqueue_batches"] < 1 + inflight:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                await trio.sleep(0.1)  # and no more go while the slots are taken
                 assert client.statistics()["enqueue_batches"] == 1 + inflight
                 store.gate.set()
             assert len(set(ids)) == 6

@@ -162,7 +162,7 @@ async def test_streams_opened_together_do_not_send_heartbeats_together() -> None
                     nursery.cancel_scope.cancel()
     times = sorted(first.values())
     assert len(times) == count
-    assert times[-1] < interval + 0.2
+    assert times[-1] < interval + 0.5  # (slack for a loaded machine)
     # spread over the interval: no 50 ms holds more than 15% of the first heartbeats
     busiest = max(bisect.bisect(times, t + 0.05) - i for i, t in enumerate(times))
     print(

@@ -165,8 +165,11 @@ async def test_a_job_delivered_on_one_instance_is_not_cancelled_from_the_other(
                 # up to 50 ms for its commit), but the tier knows B holds it.
                 with pytest.raises(FailedPrecondition, match="running on another server"):
                     await client_a.cancel(job_id)
-                await trio.sleep(0.1)  # on record as running by now
-                assert (await client_a.get(job_id)).status == "running"
+
+                async def on_record() -> bool:  # the delivery's deferred write committed
+                    return (await client_a.get(job_id)).status == "running"
+
+                await wait_for(on_record)
                 with pytest.raises(FailedPrecondition, match="running on another server"):
                     await client_a.cancel(job_id)
                 await client_b.complete(job_id, job.lease_id)
