@@ -1484,8 +1484,9 @@ class Client:
         Batching: with ``batch_enqueue`` (the default, see :meth:`connect`), concurrent
         calls from many tasks are coalesced into ``EnqueueJobs`` batches (one group
         commit on the server for many jobs); a call made while fewer than
-        ``batch_inflight`` batches are in flight is sent at once. Each call still gets its own result and the same exception a
-        unary call would raise, and its own ``timeout``. A call cancelled (or timed out)
+        ``batch_inflight`` batches are in flight is sent at once. Each call still gets
+        its own result and the same exception a unary call would raise, and its own
+        ``timeout``. A call cancelled (or timed out)
         before its batch is sent creates no job; once its batch is sent, the job may be
         created even though the caller no longer waits for the answer.
         """
@@ -1515,8 +1516,8 @@ class Client:
     # ClientError subclass and message a unary EnqueueJob would raise (the server maps
     # a rejection to a status the same way for both). Up to batch_inflight batches are
     # in flight, each in a task of its own; calls made while all slots are taken go in
-    # the next one. An error of the batch call as a whole (transport,
-    # deadline, auth) fails every caller in it with that error, except that
+    # the next one. An error of the batch call as a whole (transport, deadline, auth)
+    # fails every caller in it with that error, except that
     # UNIMPLEMENTED (a server without EnqueueJobs: batching is switched off) and a
     # RESOURCE_EXHAUSTED batch of several jobs (too large for the server) make each
     # caller send its own unary call, so the outcome is the unary one.
